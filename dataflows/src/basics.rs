@@ -1,0 +1,387 @@
+//! Maintains each user's all-time basics — first/last seen, event count, spend, last device,
+//! distinct and recent items, sessions — keyed by user.
+//!
+//! A `reduce` would re-read a user's whole history on every event (differential issue #618),
+//! so this is a keyed operator instead: it keeps per-user ordered indexes and updates them in
+//! O(log n) per event, late events and retractions included. Complete times are applied in
+//! time order; for every user touched at a time it emits the retraction of the previously
+//! emitted [`Basics`] and the new one, so downstream it is an ordinary collection with one
+//! record per user.
+//!
+//! # Notes
+//! * Sessions are kept as the set of session starts (the first `ts`, and every `ts` whose gap
+//!   to the previous distinct `ts` exceeds the session gap, equal gaps staying in the session);
+//!   an insertion or removal re-examines only the `ts` and its successor.
+//! * `recent_items`: newest latest-touch first, ties by item id string ascending; `last_device`:
+//!   the largest `(ts, event_id string)` among events with a device.
+//!
+//! Cost per event: O(log n) in the user's distinct timestamps and items, plus O(events in the
+//! current session) to count them. Memory: one ordered entry per distinct (user, ts), per
+//! (user, item, ts) and per device event, and one emitted [`Basics`] per user.
+//! (Counts by type and devices are additive and live in [`crate::counts`].)
+
+use crate::event::{Device, Event, NameOrder, PendingByTime, Time, UserKey};
+use differential_dataflow::{AsCollection, VecCollection};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+
+/// How many recent items a profile shows (SPEC §4).
+pub const RECENT_ITEMS: usize = 10;
+
+/// A user's all-time basics at one time. Fixed-size on purpose: arrangements clone records
+/// on every merge, and a heap allocation per clone dominated the cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Basics {
+    pub first: u64,
+    pub last: u64,
+    pub events: u64,
+    /// Sum of purchase values, as `f64` bits.
+    pub spend_bits: u64,
+    pub last_device: Option<Device>,
+    pub distinct_items: u64,
+    /// Item hashes, newest first; the first `recent_len` are valid.
+    pub recent: [u64; RECENT_ITEMS],
+    pub recent_len: u8,
+    pub sessions: u64,
+    pub duration_sum: u64,
+    pub current_start: u64,
+    pub current_events: u64,
+}
+
+impl Basics {
+    pub fn recent_items(&self) -> &[u64] {
+        &self.recent[..self.recent_len as usize]
+    }
+    pub fn spend(&self) -> f64 {
+        f64::from_bits(self.spend_bits)
+    }
+    /// Mean session duration, rounded down.
+    pub fn avg_duration(&self) -> u64 {
+        self.duration_sum / self.sessions.max(1)
+    }
+}
+
+/// Spend is summed exactly in nano-units so that retractions cancel without float drift.
+const NANOS: f64 = 1e9;
+
+#[derive(Default)]
+struct UserState {
+    /// Distinct `ts` → number of events.
+    times: BTreeMap<u64, u64>,
+    /// Session starts → the gap before them (0 for the first).
+    starts: BTreeMap<u64, u64>,
+    gap_sum: u64,
+    events: u64,
+    spend_nanos: i128,
+    /// `(ts, event id)` → device, per event that has one.
+    device_events: BTreeMap<(u64, u64), (Device, u64)>,
+    /// `(item, ts)` → number of events.
+    item_times: BTreeMap<(u64, u64), u64>,
+    /// `(latest ts, item)` for every item.
+    latest: BTreeSet<(Reverse<u64>, u64)>,
+    emitted: Option<Basics>,
+}
+
+impl UserState {
+    fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// Re-derives whether `ts` (a present distinct time) starts a session.
+    fn restatus(&mut self, ts: u64, gap: u64) {
+        let before = self.times.range(..ts).next_back().map(|(t, _)| *t);
+        let contribution = match before {
+            None => Some(0),
+            Some(p) if ts - p > gap => Some(ts - p),
+            Some(_) => None,
+        };
+        if let Some(old) = self.starts.remove(&ts) {
+            self.gap_sum -= old;
+        }
+        if let Some(c) = contribution {
+            self.starts.insert(ts, c);
+            self.gap_sum += c;
+        }
+    }
+
+    fn successor(&self, ts: u64) -> Option<u64> {
+        self.times.range(ts + 1..).next().map(|(t, _)| *t)
+    }
+
+    fn item_latest(&self, item: u64) -> Option<u64> {
+        self.item_times
+            .range((item, 0)..=(item, u64::MAX))
+            .next_back()
+            .map(|((_, t), _)| *t)
+    }
+
+    fn apply(&mut self, e: &Event, diff: i64, gap: u64, purchase_kind: u64) {
+        let n = diff.unsigned_abs();
+        if diff > 0 {
+            let entry = self.times.entry(e.ts).or_insert(0);
+            *entry += n;
+            if *entry == n {
+                self.restatus(e.ts, gap);
+                if let Some(s) = self.successor(e.ts) {
+                    self.restatus(s, gap);
+                }
+            }
+        } else {
+            let Some(entry) = self.times.get_mut(&e.ts) else {
+                return;
+            };
+            *entry = entry.saturating_sub(n);
+            if *entry == 0 {
+                self.times.remove(&e.ts);
+                if let Some(old) = self.starts.remove(&e.ts) {
+                    self.gap_sum -= old;
+                }
+                if let Some(s) = self.successor(e.ts) {
+                    self.restatus(s, gap);
+                }
+            }
+        }
+        let add = |x: &mut u64| {
+            *x = if diff > 0 {
+                *x + n
+            } else {
+                x.saturating_sub(n)
+            }
+        };
+        add(&mut self.events);
+        if e.kind == purchase_kind {
+            let nanos = (e.value() * NANOS).round() as i128;
+            self.spend_nanos += nanos * diff as i128;
+        }
+        if let Some(d) = e.device {
+            let entry = self.device_events.entry((e.ts, e.id)).or_insert((d, 0));
+            add(&mut entry.1);
+            if entry.1 == 0 {
+                self.device_events.remove(&(e.ts, e.id));
+            }
+        }
+        if e.has_item() {
+            let before = self.item_latest(e.item);
+            let entry = self.item_times.entry((e.item, e.ts)).or_insert(0);
+            add(entry);
+            if *entry == 0 {
+                self.item_times.remove(&(e.item, e.ts));
+            }
+            let after = self.item_latest(e.item);
+            if before != after {
+                if let Some(t) = before {
+                    self.latest.remove(&(Reverse(t), e.item));
+                }
+                if let Some(t) = after {
+                    self.latest.insert((Reverse(t), e.item));
+                }
+            }
+        }
+    }
+
+    fn basics(&self, names: &NameOrder) -> Option<Basics> {
+        let (&first, _) = self.times.iter().next()?;
+        let (&last, _) = self.times.iter().next_back()?;
+        let (&current_start, _) = self.starts.iter().next_back()?;
+        // Take the newest ten, plus everything tied with the tenth, then order ties by name.
+        let mut recent: Vec<(u64, u64)> = Vec::with_capacity(RECENT_ITEMS + 2);
+        for (Reverse(t), item) in &self.latest {
+            if recent.len() >= RECENT_ITEMS && recent.last().is_some_and(|(lt, _)| lt != t) {
+                break;
+            }
+            recent.push((*t, *item));
+        }
+        recent.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| names(a.1, b.1)));
+        recent.truncate(RECENT_ITEMS);
+        let mut recent_items = [0u64; RECENT_ITEMS];
+        for (slot, (_, item)) in recent_items.iter_mut().zip(&recent) {
+            *slot = *item;
+        }
+        let last_device = self
+            .device_events
+            .iter()
+            .next_back()
+            .map(|((ts, _), _)| *ts)
+            .and_then(|top| {
+                self.device_events
+                    .range((top, 0)..)
+                    .max_by(|a, b| names(a.0 .1, b.0 .1))
+                    .map(|(_, (d, _))| *d)
+            });
+        Some(Basics {
+            first,
+            last,
+            events: self.events,
+            spend_bits: (self.spend_nanos as f64 / NANOS).to_bits(),
+            last_device,
+            distinct_items: self.latest.len() as u64,
+            recent: recent_items,
+            recent_len: recent.len() as u8,
+            sessions: self.starts.len() as u64,
+            duration_sum: (last - first) - self.gap_sum,
+            current_start,
+            current_events: self.times.range(current_start..).map(|(_, n)| *n).sum(),
+        })
+    }
+}
+
+/// The basics of every user in `events` (de-duplicated).
+pub fn basics<'s>(
+    events: VecCollection<'s, Time, Event>,
+    session_gap_ms: u64,
+    purchase_kind: u64,
+    names: NameOrder,
+) -> VecCollection<'s, Time, (UserKey, Basics)> {
+    let pact =
+        Exchange::new(|update: &(Event, Time, isize)| crate::event::route_hash(update.0.user));
+    events
+        .inner
+        .unary_frontier(pact, "Basics", move |_cap, _info| {
+            let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
+            let mut users: HashMap<u64, UserState> = HashMap::new();
+            let mut touched: Vec<u64> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    for (event, time, diff) in data.drain(..) {
+                        pending
+                            .entry(time)
+                            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
+                            .1
+                            .push((event, diff));
+                    }
+                });
+                while let Some(entry) = pending.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (time, (cap, batch)) = entry.remove_entry();
+                    touched.clear();
+                    for (event, diff) in &batch {
+                        users.entry(event.user).or_default().apply(
+                            event,
+                            *diff as i64,
+                            session_gap_ms,
+                            purchase_kind,
+                        );
+                        touched.push(event.user);
+                    }
+                    touched.sort_unstable();
+                    touched.dedup();
+                    let mut session = output.session(&cap);
+                    for user in &touched {
+                        let Some(state) = users.get_mut(user) else {
+                            continue;
+                        };
+                        let new = state.basics(&names);
+                        if new == state.emitted {
+                            continue;
+                        }
+                        if let Some(old) = state.emitted.take() {
+                            session.give(((UserKey(*user), old), time, -1isize));
+                        }
+                        if let Some(b) = new {
+                            session.give(((UserKey(*user), b), time, 1isize));
+                        }
+                        state.emitted = new;
+                        if state.is_empty() {
+                            users.remove(user);
+                        }
+                    }
+                }
+            }
+        })
+        .as_collection()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn ev(ts: u64, item: u64, id: u64) -> Event {
+        Event {
+            ts,
+            user: 1,
+            id,
+            kind: 1,
+            item,
+            value_bits: 0,
+            device: None,
+        }
+    }
+
+    /// Sessions of a sorted ts list, the plain way: (start, last, events).
+    fn sessions(ts: &[u64], gap: u64) -> Vec<(u64, u64, u64)> {
+        let mut out: Vec<(u64, u64, u64)> = Vec::new();
+        for &t in ts {
+            match out.last_mut() {
+                Some(s) if t - s.1 <= gap => {
+                    s.1 = t;
+                    s.2 += 1;
+                }
+                _ => out.push((t, t, 1)),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sessions_match_a_plain_scan_under_any_insertion_order_and_removals() {
+        let names: NameOrder = Arc::new(|a: u64, b: u64| a.cmp(&b));
+        let gap = 10;
+        let ts: Vec<u64> = vec![50, 0, 5, 5, 12, 30, 31, 60, 61, 62, 100, 20, 40, 41, 22];
+        let mut state = UserState::default();
+        let mut present: Vec<u64> = Vec::new();
+        let check = |state: &UserState, present: &[u64]| {
+            let mut sorted = present.to_vec();
+            sorted.sort_unstable();
+            let expect = sessions(&sorted, gap);
+            let b = state.basics(&names).unwrap();
+            assert_eq!(b.sessions, expect.len() as u64, "{sorted:?}");
+            assert_eq!(
+                b.duration_sum,
+                expect.iter().map(|s| s.1 - s.0).sum::<u64>(),
+                "{sorted:?}"
+            );
+            let cur = expect.last().unwrap();
+            assert_eq!(
+                (b.current_start, b.last, b.current_events),
+                (cur.0, cur.1, cur.2),
+                "{sorted:?}"
+            );
+            assert_eq!(b.events, sorted.len() as u64);
+        };
+        for (i, t) in ts.iter().enumerate() {
+            state.apply(&ev(*t, 0, i as u64), 1, gap, 99);
+            present.push(*t);
+            check(&state, &present);
+        }
+        for (i, t) in ts.iter().enumerate().step_by(2) {
+            state.apply(&ev(*t, 0, i as u64), -1, gap, 99);
+            let pos = present.iter().position(|p| p == t).unwrap();
+            present.remove(pos);
+            if !present.is_empty() {
+                check(&state, &present);
+            }
+        }
+    }
+
+    #[test]
+    fn recent_items_keep_the_latest_touch_and_order_ties_by_name() {
+        let names: NameOrder = Arc::new(|a: u64, b: u64| a.cmp(&b));
+        let mut state = UserState::default();
+        for i in 0..30u64 {
+            state.apply(&ev(i / 3, 100 + i % 12, i), 1, 1000, 99);
+        }
+        let b = state.basics(&names).unwrap();
+        assert_eq!(b.distinct_items, 12);
+        // Latest touches: 103-105 at ts 9, 100-102 at 8, 109-111 at 7, 106-108 at 6.
+        assert_eq!(
+            b.recent_items(),
+            [103, 104, 105, 100, 101, 102, 109, 110, 111, 106]
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! The compact event record every view consumes, and the keys views are arranged by.
+//!
+//! Strings never enter the dataflow: the I/O shell hashes ids to `u64` once at parse time and
+//! keeps the strings in its name table for output. Every key type routes by the *user* hash
+//! alone, so all of a user's state lives on one worker and a profile is read from one place.
+
+use differential_dataflow::Hashable;
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+/// Dataflow time: the engine clock in milliseconds.
+pub type Time = u64;
+
+/// Updates an operator holds until their time is complete, with a capability to emit at it.
+pub type PendingByTime<D> =
+    std::collections::BTreeMap<Time, (timely::dataflow::operators::Capability<Time>, Vec<D>)>;
+
+/// Orders two hashed names by their strings (item ids, event ids). Views need it for the
+/// tie rules of SPEC §4, which are defined on the strings, not on their hashes.
+pub type NameOrder = Arc<dyn Fn(u64, u64) -> Ordering + Send + Sync>;
+
+/// Device types, declared in alphabetical order so that `Ord` sorts them as SPEC §4 lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Device {
+    Desktop,
+    Mobile,
+    Other,
+    Tablet,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Desktop => "desktop",
+            Device::Mobile => "mobile",
+            Device::Other => "other",
+            Device::Tablet => "tablet",
+        }
+    }
+}
+
+/// `item` value of an event that carries no item.
+pub const NO_ITEM: u64 = 0;
+
+/// One accepted user event, as the views see it.
+///
+/// # Notes
+/// The derived `Ord` (by `ts` first) is the tie rule for conflicting duplicates: of several
+/// events sharing an `event_id`, the smallest one is kept, whatever the arrival order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Event {
+    /// Event time, epoch milliseconds.
+    pub ts: u64,
+    /// Hash of `user_id`.
+    pub user: u64,
+    /// Hash of `event_id`: the idempotency key.
+    pub id: u64,
+    /// Hash of the event type name.
+    pub kind: u64,
+    /// Hash of `item_id`, or [`NO_ITEM`].
+    pub item: u64,
+    /// `value` as `f64` bits (non-negative, so the bit order is the numeric order); 0 if absent.
+    pub value_bits: u64,
+    pub device: Option<Device>,
+}
+
+impl Event {
+    pub fn value(&self) -> f64 {
+        f64::from_bits(self.value_bits)
+    }
+    pub fn has_item(&self) -> bool {
+        self.item != NO_ITEM
+    }
+}
+
+/// A well-mixed, version-stable hash of a user hash: the routing function for every view,
+/// the query router and (later) the Kafka partitioner.
+pub fn route_hash(user: u64) -> u64 {
+    // splitmix64 finaliser: good low bits for `%` and power-of-two masks.
+    let mut z = user.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The worker (of `peers`) that owns `user`'s state. Agrees with timely's exchange, which
+/// routes by `hashed() % peers` (or the equal `& (peers - 1)` for powers of two).
+pub fn owner(user: u64, peers: usize) -> usize {
+    (route_hash(user) % peers as u64) as usize
+}
+
+/// A user. No `Hash` derive on purpose: routing must use [`route_hash`], not the blanket impl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UserKey(pub u64);
+
+impl Hashable for UserKey {
+    type Output = u64;
+    fn hashed(&self) -> u64 {
+        route_hash(self.0)
+    }
+}
+
+/// A user and a time bucket (rollup levels); routed by the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UserBucket {
+    pub user: u64,
+    pub bucket: u64,
+}
+
+impl Hashable for UserBucket {
+    type Output = u64;
+    fn hashed(&self) -> u64 {
+        route_hash(self.user)
+    }
+}
+
+/// A user and an item; routed by the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UserItem {
+    pub user: u64,
+    pub item: u64,
+}
+
+impl Hashable for UserItem {
+    type Output = u64;
+    fn hashed(&self) -> u64 {
+        route_hash(self.user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_routes_like_its_user() {
+        for user in [0u64, 1, 7, u64::MAX, 0xDEAD_BEEF] {
+            for peers in [1usize, 2, 3, 4, 7] {
+                let w = owner(user, peers);
+                assert_eq!((UserKey(user).hashed() % peers as u64) as usize, w);
+                let ub = UserBucket { user, bucket: 99 };
+                assert_eq!((ub.hashed() % peers as u64) as usize, w);
+                let ui = UserItem { user, item: 5 };
+                assert_eq!((ui.hashed() % peers as u64) as usize, w);
+            }
+        }
+    }
+
+    #[test]
+    fn device_order_is_alphabetical() {
+        let mut all = [
+            Device::Tablet,
+            Device::Other,
+            Device::Mobile,
+            Device::Desktop,
+        ];
+        all.sort();
+        let names: Vec<_> = all.iter().map(|d| d.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+    }
+}

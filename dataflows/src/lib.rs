@@ -1,0 +1,33 @@
+//! persona's differential computations: pure views over user events, no I/O.
+//!
+//! ```text
+//! raw events ──dedup (by event id)──▶ events ──┬─ basics ─────▶ Basics (first/last seen, spend,
+//!   (exchanged by event id)                    │                items, last device, sessions)
+//!                                              │                  └▶ arranged by user: `basics`
+//!                                              ├─ counts ─────▶ Count(type), Device(d) ─┐
+//!                                              ├─ windows ────▶ Recent { ts, type } ────┤ arranged by
+//! catalog (item → category) ───────────────────┴─ categories ─▶ Category(c) ────────────┘ user: `features`
+//! ```
+//!
+//! | view | per event | state |
+//! |---|---|---|
+//! | [`dedup`] | O(1) | one entry per id within the dedup horizon |
+//! | [`basics`] | O(log n) in the user's history, + O(current session) | one ordered entry per distinct (user, ts), (user, item, ts), device event |
+//! | [`counts`] | 1-2 updates | one record per (user, type / device) |
+//! | [`windows`] | 2 updates, O(log pending) | one record per event within the widest window |
+//! | [`categories`] | O(1); a catalog change costs O(users of the item) | one record per (item, user) |
+//!
+//! Every key routes by [`event::route_hash`] of the user, so one user's state is on one worker.
+
+pub mod basics;
+pub mod categories;
+pub mod counts;
+pub mod dedup;
+pub mod event;
+pub mod profile;
+pub mod windows;
+
+pub use basics::Basics;
+pub use dedup::{DedupObserver, DedupStats};
+pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM};
+pub use profile::{profiles, Feature, ProfileState, ProfileTraces, ReadError, ViewConfig};

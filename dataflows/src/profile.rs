@@ -1,0 +1,253 @@
+//! Assembles every per-user view into two arrangements keyed by user, and reads profiles out
+//! of them at a chosen time.
+//!
+//! * `basics`: one [`Basics`] record per user.
+//! * `features`: small additive records whose multiplicity is their value — counts by type
+//!   and device, per-category counts — and one `Recent` record per event within the widest
+//!   window, from which window counts of any width are computed at read time.
+//!
+//! Both are keyed by [`UserKey`] with the same routing, so a profile is two cursor seeks on the
+//! one worker that owns the user, at one `as_of`: every answer is consistent at its time.
+
+use crate::basics::{self, Basics};
+use crate::event::{Device, Event, NameOrder, Time, UserKey};
+use crate::{categories, counts, dedup, windows};
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::cursor::{cursor_list, Cursor};
+use differential_dataflow::trace::implementations::ValSpine;
+use differential_dataflow::trace::TraceReader;
+use differential_dataflow::VecCollection;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use timely::progress::Antichain;
+
+/// An additive fact about a user: its value is the record's multiplicity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Feature {
+    /// All-time count of a type (hash).
+    Count(u64),
+    /// Events seen on a device type.
+    Device(Device),
+    /// Item events whose item is currently in this category (hash).
+    Category(u64),
+    /// An event within the widest window: its time and type hash.
+    Recent { ts: u64, kind: u64 },
+}
+
+pub type BasicsTrace = TraceAgent<ValSpine<UserKey, Basics, Time, isize>>;
+pub type FeatureTrace = TraceAgent<ValSpine<UserKey, Feature, Time, isize>>;
+
+/// The maintained profile arrangements of one worker.
+pub struct ProfileTraces {
+    pub basics: BasicsTrace,
+    pub features: FeatureTrace,
+}
+
+/// What the views are built with.
+#[derive(Clone)]
+pub struct ViewConfig {
+    /// How long a `Recent` record is kept after its `ts`: at least the widest window. Replay
+    /// keeps it longer so that its final state can also be read at an earlier `now`.
+    pub window_retention_ms: u64,
+    pub session_gap_ms: u64,
+    pub dedup_horizon_ms: u64,
+    /// Hash of the type name `purchase`, whose `value`s are spend.
+    pub purchase_kind: u64,
+    pub names: NameOrder,
+}
+
+/// Builds every view from raw (not yet de-duplicated) events and the catalog.
+pub fn profiles<'s>(
+    raw: VecCollection<'s, Time, Event>,
+    catalog: VecCollection<'s, Time, (u64, u64)>,
+    config: &ViewConfig,
+    stats: Arc<dyn dedup::DedupObserver>,
+) -> (Arranged<'s, BasicsTrace>, Arranged<'s, FeatureTrace>) {
+    let events = dedup::dedup(raw, config.dedup_horizon_ms, stats);
+    let basics = basics::basics(
+        events.clone(),
+        config.session_gap_ms,
+        config.purchase_kind,
+        config.names.clone(),
+    )
+    .arrange_by_key_named("Arrange: basics");
+    let features = counts::counts(events.clone())
+        .concat(windows::windows(events.clone(), config.window_retention_ms))
+        .concat(categories::categories(events, catalog))
+        .arrange_by_key_named("Arrange: features");
+    (basics, features)
+}
+
+/// The features of one user at one time, with additive values accumulated.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProfileState {
+    pub basics: Option<Basics>,
+    /// (type hash, count), positive only.
+    pub counts: Vec<(u64, i64)>,
+    /// Sorted.
+    pub devices: Vec<Device>,
+    /// (category hash, count), positive only.
+    pub categories: Vec<(u64, i64)>,
+    /// (ts, type hash, count) of events within the widest window, positive only.
+    pub recent: Vec<(u64, u64, i64)>,
+}
+
+impl ProfileState {
+    fn add(&mut self, feature: &Feature, n: isize) {
+        if n <= 0 {
+            return;
+        }
+        let n = n as i64;
+        match feature {
+            Feature::Count(kind) => self.counts.push((*kind, n)),
+            Feature::Device(d) => self.devices.push(*d),
+            Feature::Category(c) => self.categories.push((*c, n)),
+            Feature::Recent { ts, kind } => self.recent.push((*ts, *kind, n)),
+        }
+    }
+
+    /// Events by type with `now - width < ts <= now`.
+    pub fn window(&self, now: u64, width: u64) -> Vec<(u64, i64)> {
+        let mut by_kind: BTreeMap<u64, i64> = BTreeMap::new();
+        for (ts, kind, n) in &self.recent {
+            if *ts <= now && now - ts < width {
+                *by_kind.entry(*kind).or_insert(0) += n;
+            }
+        }
+        by_kind.into_iter().collect()
+    }
+}
+
+/// Why a read could not be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// `as_of` is not complete yet: wait until the upper frontier passes it.
+    NotReady,
+    /// `as_of` is older than the compaction frontier: history is gone.
+    Compacted,
+}
+
+impl ProfileTraces {
+    /// The latest time both arrangements have completed, if any.
+    pub fn latest(&mut self) -> Option<Time> {
+        let (mut a, mut b) = (Antichain::new(), Antichain::new());
+        self.basics.read_upper(&mut a);
+        self.features.read_upper(&mut b);
+        let upper = match (a.as_option(), b.as_option()) {
+            (Some(x), Some(y)) => *x.min(y),
+            (Some(x), None) | (None, Some(x)) => *x,
+            (None, None) => return Some(Time::MAX),
+        };
+        upper.checked_sub(1)
+    }
+
+    /// Lets both arrangements forget history before `as_of` (the oldest time still to be read).
+    pub fn compact_to(&mut self, as_of: Time) {
+        let since = Antichain::from_elem(as_of);
+        self.basics.set_logical_compaction(since.borrow());
+        self.features.set_logical_compaction(since.borrow());
+        let mut upper = Antichain::new();
+        self.basics.read_upper(&mut upper);
+        self.basics.set_physical_compaction(upper.borrow());
+        self.features.read_upper(&mut upper);
+        self.features.set_physical_compaction(upper.borrow());
+    }
+
+    fn check(&mut self, as_of: Time) -> Result<(Antichain<Time>, Antichain<Time>), ReadError> {
+        let (mut a, mut b) = (Antichain::new(), Antichain::new());
+        self.basics.read_upper(&mut a);
+        self.features.read_upper(&mut b);
+        if a.less_equal(&as_of) || b.less_equal(&as_of) {
+            return Err(ReadError::NotReady);
+        }
+        // Reads below the compaction frontier would be silently wrong.
+        if !self.basics.get_logical_compaction().less_equal(&as_of)
+            || !self.features.get_logical_compaction().less_equal(&as_of)
+        {
+            return Err(ReadError::Compacted);
+        }
+        Ok((a, b))
+    }
+
+    /// The profile state of `user` at `as_of`; `Ok(None)` if the user has no events then.
+    pub fn read_user(&mut self, user: u64, as_of: Time) -> Result<Option<ProfileState>, ReadError> {
+        let (upper_b, upper_f) = self.check(as_of)?;
+        let key = UserKey(user);
+        let mut state = ProfileState::default();
+        let (mut cursor, storage) = cursor_list(
+            self.basics
+                .batches_through(upper_b.borrow())
+                .expect("reads go through the current upper"),
+        );
+        cursor.seek_key(&storage, &key);
+        if cursor.get_key(&storage) == Some(&key) {
+            while let Some(val) = cursor.get_val(&storage) {
+                if accumulate(&mut cursor, &storage, as_of) > 0 {
+                    state.basics = Some(*val);
+                }
+                cursor.step_val(&storage);
+            }
+        }
+        if state.basics.is_none() {
+            return Ok(None);
+        }
+        let (mut cursor, storage) = cursor_list(
+            self.features
+                .batches_through(upper_f.borrow())
+                .expect("reads go through the current upper"),
+        );
+        cursor.seek_key(&storage, &key);
+        if cursor.get_key(&storage) == Some(&key) {
+            while let Some(val) = cursor.get_val(&storage) {
+                let n = accumulate(&mut cursor, &storage, as_of);
+                state.add(val, n);
+                cursor.step_val(&storage);
+            }
+        }
+        state.devices.sort();
+        Ok(Some(state))
+    }
+
+    /// Every user's profile state at `as_of` on this worker, in key order.
+    pub fn read_all(&mut self, as_of: Time) -> Result<Vec<(u64, ProfileState)>, ReadError> {
+        self.check(as_of)?;
+        let mut users = Vec::new();
+        {
+            let mut upper = Antichain::new();
+            self.basics.read_upper(&mut upper);
+            let (mut cursor, storage) = cursor_list(
+                self.basics
+                    .batches_through(upper.borrow())
+                    .expect("reads go through the current upper"),
+            );
+            while let Some(key) = cursor.get_key(&storage) {
+                let user = key.0;
+                cursor.step_key(&storage);
+                users.push(user);
+            }
+        }
+        let mut out = Vec::with_capacity(users.len());
+        for user in users {
+            if let Some(state) = self.read_user(user, as_of)? {
+                out.push((user, state));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The accumulated multiplicity of the cursor's current value at `as_of`.
+fn accumulate<C: Cursor<Time = Time, Diff = isize>>(
+    cursor: &mut C,
+    storage: &C::Storage,
+    as_of: Time,
+) -> isize {
+    let mut n = 0isize;
+    cursor.map_times(storage, |t, r| {
+        if C::owned_time(t) <= as_of {
+            n += C::owned_diff(r);
+        }
+    });
+    n
+}

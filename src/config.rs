@@ -1,0 +1,333 @@
+//! Configuration: TOML with environment overrides, validated once at start.
+//!
+//! Two stages: [`Config`] is what the file says (every key optional, unknown keys rejected);
+//! [`Settings`] is the validated form the engine runs with (durations in ms, window widths).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The embedded default configuration (`config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub engine: EngineConfig,
+    pub source: SourceConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockMode {
+    Live,
+    Event,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub workers: usize,
+    pub clock: ClockMode,
+    pub tick: String,
+    pub windows: Vec<String>,
+    pub session_gap: String,
+    pub allowed_lateness: String,
+    pub max_future_skew: String,
+    pub dedup_horizon: String,
+    pub default_weight: f64,
+    pub weights: BTreeMap<String, f64>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let weights = [
+            ("page_view", 1.0),
+            ("product_view", 2.0),
+            ("click", 1.0),
+            ("search", 1.0),
+            ("add_to_cart", 5.0),
+            ("purchase", 20.0),
+        ];
+        EngineConfig {
+            workers: 1,
+            clock: ClockMode::Live,
+            tick: "20ms".into(),
+            windows: vec!["1h".into(), "24h".into(), "7d".into()],
+            session_gap: "30m".into(),
+            allowed_lateness: "5s".into(),
+            max_future_skew: "5m".into(),
+            dedup_horizon: "7d".into(),
+            default_weight: 1.0,
+            weights: weights.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: String,
+    pub path: PathBuf,
+    pub catalog_path: PathBuf,
+    pub follow: bool,
+    pub dead_letter_path: PathBuf,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            kind: "file".into(),
+            path: "data/sample-events.jsonl".into(),
+            catalog_path: "data/sample-catalog.jsonl".into(),
+            follow: true,
+            dead_letter_path: "dead-letters.jsonl".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the embedded default) and applies `PERSONA_*` overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?,
+                p.display().to_string(),
+            ),
+            None => (
+                DEFAULT_TOML.to_string(),
+                "embedded config/default.toml".to_string(),
+            ),
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("invalid TOML in {origin}"))?;
+        apply_env(&mut table, env)?;
+        let config: Config = toml::Value::Table(table).try_into().with_context(|| {
+            format!("invalid configuration ({origin} with PERSONA_* overrides)")
+        })?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML, for the start-up log. (No secrets exist yet.)
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
+    }
+}
+
+const SECTIONS: [&str; 3] = ["engine", "source", "http"];
+
+/// `PERSONA_<SECTION>_<KEY>=value`: the value is read as a TOML value (number, bool, array,
+/// inline table), falling back to a plain string.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<()> {
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("PERSONA_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, key)) = rest.split_once('_') else {
+            bail!("environment variable {name}: expected PERSONA_<SECTION>_<KEY>");
+        };
+        if !SECTIONS.contains(&section) {
+            bail!(
+                "environment variable {name}: unknown section `{section}` (known: {})",
+                SECTIONS.join(", ")
+            );
+        }
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let entry = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            bail!("config section [{section}] is not a table")
+        };
+        section_table.insert(key.to_string(), parsed);
+    }
+    Ok(())
+}
+
+/// A sliding window: its label as configured and its width.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    pub label: String,
+    pub width_ms: u64,
+}
+
+/// Validated settings the engine runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub workers: usize,
+    pub clock: ClockMode,
+    pub tick_ms: u64,
+    pub windows: Vec<Window>,
+    pub session_gap_ms: u64,
+    pub allowed_lateness_ms: u64,
+    pub max_future_skew_ms: u64,
+    pub dedup_horizon_ms: u64,
+    pub default_weight: f64,
+    pub weights: BTreeMap<String, f64>,
+    pub source: SourceConfig,
+    pub listen: String,
+}
+
+/// Width of the window the engagement score is defined on (SPEC §4).
+pub const SCORE_WINDOW_MS: u64 = 7 * 24 * 3_600_000;
+
+fn duration_ms(key: &str, text: &str) -> Result<u64> {
+    let d = humantime::parse_duration(text).with_context(|| {
+        format!("{key} = {text:?} is not a duration (examples: \"20ms\", \"30m\", \"7d\")")
+    })?;
+    Ok(d.as_millis() as u64)
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Result<Settings> {
+        let e = &config.engine;
+        if e.workers == 0 || e.workers > 1024 {
+            bail!("engine.workers = {} must be between 1 and 1024", e.workers);
+        }
+        let tick_ms = duration_ms("engine.tick", &e.tick)?;
+        if tick_ms == 0 {
+            bail!("engine.tick must be at least 1ms");
+        }
+        let mut windows = Vec::new();
+        for label in &e.windows {
+            let width_ms = duration_ms("engine.windows", label)?;
+            if width_ms == 0 {
+                bail!("engine.windows: window {label:?} has zero width");
+            }
+            if windows.iter().any(|w: &Window| w.label == *label) {
+                bail!("engine.windows: window {label:?} is listed twice");
+            }
+            windows.push(Window {
+                label: label.clone(),
+                width_ms,
+            });
+        }
+        for (name, w) in &e.weights {
+            if !w.is_finite() {
+                bail!("engine.weights.{name} = {w} is not a finite number");
+            }
+        }
+        if !e.default_weight.is_finite() {
+            bail!("engine.default_weight must be a finite number");
+        }
+        if config.source.kind != "file" {
+            bail!("source.kind = {:?}: only \"file\" is supported by this build (Kafka comes with the Kafka source)", config.source.kind);
+        }
+        Ok(Settings {
+            workers: e.workers,
+            clock: e.clock,
+            tick_ms,
+            windows,
+            session_gap_ms: duration_ms("engine.session_gap", &e.session_gap)?,
+            allowed_lateness_ms: duration_ms("engine.allowed_lateness", &e.allowed_lateness)?,
+            max_future_skew_ms: duration_ms("engine.max_future_skew", &e.max_future_skew)?,
+            dedup_horizon_ms: duration_ms("engine.dedup_horizon", &e.dedup_horizon)?,
+            default_weight: e.default_weight,
+            weights: e.weights.clone(),
+            source: config.source.clone(),
+            listen: config.http.listen.clone(),
+        })
+    }
+
+    /// Window widths the dataflow maintains: the configured ones plus the score's 7 days.
+    pub fn maintained_windows_ms(&self) -> Vec<u64> {
+        let mut widths: Vec<u64> = self.windows.iter().map(|w| w.width_ms).collect();
+        widths.push(SCORE_WINDOW_MS);
+        widths.sort_unstable();
+        widths.dedup();
+        widths
+    }
+
+    pub fn weight(&self, kind: &str) -> f64 {
+        self.weights
+            .get(kind)
+            .copied()
+            .unwrap_or(self.default_weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_matches_code_defaults() {
+        let loaded = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(loaded, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_keys_and_types() {
+        let env = vec![
+            (
+                "PERSONA_HTTP_LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
+            (
+                "PERSONA_SOURCE_CATALOG_PATH".to_string(),
+                "x/cat.jsonl".to_string(),
+            ),
+            ("PERSONA_ENGINE_WORKERS".to_string(), "3".to_string()),
+            (
+                "PERSONA_ENGINE_WINDOWS".to_string(),
+                r#"["2h"]"#.to_string(),
+            ),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:9999");
+        assert_eq!(c.source.catalog_path, PathBuf::from("x/cat.jsonl"));
+        assert_eq!(c.engine.workers, 3);
+        assert_eq!(c.engine.windows, vec!["2h".to_string()]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::load(
+            None,
+            vec![("PERSONA_HTTP_LISTNE".to_string(), "x".to_string())],
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("listne"), "{err:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[engine]\nwindowz = []\n").unwrap();
+        let err = Config::load(Some(&path), Vec::new()).unwrap_err();
+        assert!(format!("{err:#}").contains("windowz"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_durations_are_errors() {
+        let mut c = Config::default();
+        c.engine.session_gap = "soon".into();
+        let err = Settings::from_config(&c).unwrap_err();
+        assert!(format!("{err:#}").contains("session_gap"));
+    }
+}

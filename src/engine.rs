@@ -1,0 +1,586 @@
+//! The engine: timely workers that read sources, drive the engine clock, maintain the views
+//! and answer queries between steps.
+//!
+//! Each worker runs one loop: read a bounded batch of its share of the source lines → parse
+//! and validate (rejects to dead letters) → feed the events input at the current clock →
+//! advance the clock → step the dataflow → answer the queries whose time is complete →
+//! let the profile arrangement compact up to the latest complete time.
+
+use crate::config::{ClockMode, Settings};
+use crate::deadletter::DeadLetters;
+use crate::metrics::Metrics;
+use crate::names::Names;
+use crate::parse::{self, Rejection};
+use crate::query::{Answer, Query, Router};
+use crate::source::{LineSource, Next};
+use anyhow::{anyhow, Context, Result};
+use crossbeam_channel::{Receiver, Sender};
+use differential_dataflow::input::{Input, InputSession};
+use persona_dataflows::{profiles, Event, ProfileState, ProfileTraces, Time, ViewConfig};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::Probe;
+use timely::worker::Worker;
+
+/// Lines a worker reads before it steps the dataflow again: large for replay throughput,
+/// small when following a live source so answers stay fresh.
+const REPLAY_BATCH_LINES: usize = 65536;
+const LIVE_BATCH_LINES: usize = 4096;
+
+/// What the engine runs.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Read `events` once with the event-time clock, move the clock to the largest `ts`, and
+    /// hand every worker's profiles to the dump channel; then stop, or keep serving if `serve`.
+    Replay {
+        events: PathBuf,
+        catalog: Option<PathBuf>,
+        serve: bool,
+    },
+    /// Read the configured source (following it if configured) until stopped.
+    Run,
+}
+
+/// Per-worker progress, for `/v1/status` and readiness.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    /// The worker's input time (its view of the engine clock).
+    pub clock: AtomicU64,
+    /// Completed time: all workers are done with every time below this.
+    pub frontier: AtomicU64,
+    pub lines: AtomicU64,
+    pub offset: AtomicU64,
+    pub file_len: AtomicU64,
+    /// The source's contents at start are read and processed.
+    pub caught_up: AtomicBool,
+}
+
+/// State shared by the workers, the HTTP server and the commands.
+pub struct Shared {
+    pub settings: Settings,
+    pub names: Names,
+    pub metrics: Metrics,
+    pub dead: DeadLetters,
+    pub router: Router,
+    pub workers: Vec<WorkerStatus>,
+    pub source_path: PathBuf,
+    pub stop: AtomicBool,
+    /// Largest valid `ts` parsed by any worker.
+    pub max_ts: AtomicU64,
+    /// Workers that reached the end of their input (replay).
+    inputs_done: AtomicU64,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn new(settings: Settings, source_path: PathBuf, dead_letter_path: PathBuf) -> Arc<Shared> {
+        let metrics = Metrics::new();
+        let workers = settings.workers;
+        Arc::new(Shared {
+            dead: DeadLetters::new(&dead_letter_path, metrics.clone()),
+            metrics,
+            names: Names::default(),
+            router: Router::new(workers),
+            workers: (0..workers).map(|_| WorkerStatus::default()).collect(),
+            source_path,
+            settings,
+            stop: AtomicBool::new(false),
+            max_ts: AtomicU64::new(0),
+            inputs_done: AtomicU64::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    /// The engine clock every worker has completed (`None` before the first time completes).
+    pub fn clock(&self) -> Option<u64> {
+        self.workers
+            .iter()
+            .map(|w| w.frontier.load(Ordering::Acquire))
+            .min()
+            .and_then(|f| f.checked_sub(1))
+    }
+
+    pub fn ready(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.caught_up.load(Ordering::Acquire))
+    }
+
+    /// Asks every worker to stop.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.router.wake_all();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// One worker's share of a replay's final state.
+pub struct DumpPart {
+    pub as_of: u64,
+    pub profiles: Vec<(u64, ProfileState)>,
+}
+
+/// Starts the workers; they run until the input ends (replay) or [`Shared::shutdown`].
+pub fn start(
+    shared: Arc<Shared>,
+    mode: Mode,
+    dump: Option<Sender<Result<DumpPart, String>>>,
+) -> Result<timely::communication::WorkerGuards<Result<(), String>>> {
+    let mut config = timely::Config::process(shared.settings.workers);
+    // Let spines keep merging while idle, so reads stay fast after a burst.
+    differential_dataflow::configure(
+        &mut config.worker,
+        &differential_dataflow::Config::default().idle_merge_effort(Some(1000)),
+    );
+    let guards = timely::execute(config, move |worker| {
+        let index = worker.index();
+        let result =
+            run_worker(worker, &shared, &mode, dump.as_ref()).map_err(|e| format!("{e:#}"));
+        if let Err(e) = &result {
+            tracing::error!(worker = index, "worker failed: {e}");
+            if let Some(d) = dump.as_ref() {
+                let _ = d.send(Err(e.clone()));
+            }
+            shared.shutdown();
+        }
+        result
+    })
+    .map_err(|e| anyhow!("cannot start workers: {e}"))?;
+    Ok(guards)
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Inputs {
+    events: InputSession<Time, Event, isize>,
+    catalog: InputSession<Time, (u64, u64), isize>,
+}
+
+impl Inputs {
+    fn advance_to(&mut self, t: Time) {
+        if t > *self.events.time() {
+            self.events.advance_to(t);
+            self.catalog.advance_to(t);
+        }
+    }
+    fn flush(&mut self) {
+        self.events.flush();
+        self.catalog.flush();
+    }
+}
+
+/// Reads the catalog file and turns records into upserts of `(item, category)`.
+struct CatalogReader {
+    source: LineSource,
+    current: HashMap<u64, u64>,
+    label: String,
+}
+
+impl CatalogReader {
+    /// Reads up to `budget` records; returns whether the file is (for now) exhausted.
+    fn read(
+        &mut self,
+        budget: usize,
+        input: &mut InputSession<Time, (u64, u64), isize>,
+        shared: &Shared,
+    ) -> Result<bool> {
+        for _ in 0..budget {
+            match self.source.next_line()? {
+                Next::Line { number, oversize } => {
+                    let line = self.source.line();
+                    if !line.iter().all(u8::is_ascii_whitespace) {
+                        let parsed = if oversize {
+                            Err(oversize_rejection())
+                        } else {
+                            parse::parse_catalog(line, &shared.names)
+                        };
+                        match parsed {
+                            Ok(rec) => {
+                                shared.metrics.catalog_record();
+                                let new = if rec.deleted { None } else { rec.category };
+                                let old = self.current.get(&rec.item).copied();
+                                if old != new {
+                                    if let Some(c) = old {
+                                        input.update((rec.item, c), -1);
+                                        self.current.remove(&rec.item);
+                                    }
+                                    if let Some(c) = new {
+                                        input.update((rec.item, c), 1);
+                                        self.current.insert(rec.item, c);
+                                    }
+                                }
+                            }
+                            Err(r) => {
+                                shared
+                                    .dead
+                                    .reject(&r, &format!("{}:{number}", self.label), line)
+                            }
+                        }
+                    }
+                    self.source.clear();
+                }
+                Next::Wait | Next::End => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+}
+
+fn oversize_rejection() -> Rejection {
+    Rejection {
+        reason: "oversize",
+        detail: format!("line is longer than {} bytes", parse::MAX_EVENT_BYTES),
+    }
+}
+
+fn run_worker(
+    worker: &mut Worker,
+    shared: &Arc<Shared>,
+    mode: &Mode,
+    dump: Option<&Sender<Result<DumpPart, String>>>,
+) -> Result<()> {
+    let index = worker.index();
+    let peers = worker.peers();
+    let settings = &shared.settings;
+    let queries = shared.router.attach(index);
+    let (events_path, catalog_path, follow, clock_mode, replay, serve_after) = match mode {
+        Mode::Replay {
+            events,
+            catalog,
+            serve,
+        } => (
+            events.clone(),
+            catalog.clone(),
+            false,
+            ClockMode::Event,
+            true,
+            *serve,
+        ),
+        Mode::Run => {
+            let s = &settings.source;
+            let catalog = (!s.catalog_path.as_os_str().is_empty()).then(|| s.catalog_path.clone());
+            (
+                s.path.clone(),
+                catalog,
+                s.follow,
+                settings.clock,
+                false,
+                true,
+            )
+        }
+    };
+    let mut events = LineSource::open(&events_path, follow, index, peers)?;
+    let events_label = events_path.display().to_string();
+    let mut catalog = match (&catalog_path, index) {
+        (Some(path), 0) => Some(CatalogReader {
+            source: LineSource::open(path, follow, 0, 1)?,
+            current: HashMap::new(),
+            label: path.display().to_string(),
+        }),
+        _ => None,
+    };
+
+    let view_config = ViewConfig {
+        window_retention_ms: {
+            let widest = settings
+                .maintained_windows_ms()
+                .into_iter()
+                .max()
+                .unwrap_or(0);
+            // Replay reads its final state at the largest *kept* ts, which a dropped conflicting
+            // duplicate can put before the clock: keep records one more window for that read.
+            if replay {
+                widest.saturating_mul(2)
+            } else {
+                widest
+            }
+        },
+        session_gap_ms: settings.session_gap_ms,
+        dedup_horizon_ms: settings.dedup_horizon_ms,
+        purchase_kind: shared.names.intern("purchase"),
+        names: shared.names.order(),
+    };
+    let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
+    let dataflow_id = worker.next_dataflow_index();
+    let (mut inputs, mut traces, probe): (Inputs, ProfileTraces, ProbeHandle<Time>) = worker
+        .dataflow::<Time, _, _>(|scope| {
+            let (events_in, raw) = scope.new_collection::<Event, isize>();
+            let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
+            let (basics, features) = profiles(raw, catalog, &view_config, observer);
+            let (probe, _) = basics.stream.clone().probe();
+            features.stream.clone().probe_with(&probe);
+            (
+                Inputs {
+                    events: events_in,
+                    catalog: catalog_in,
+                },
+                ProfileTraces {
+                    basics: basics.trace,
+                    features: features.trace,
+                },
+                probe,
+            )
+        });
+
+    let batch_lines = if replay {
+        REPLAY_BATCH_LINES
+    } else {
+        LIVE_BATCH_LINES
+    };
+    let status = &shared.workers[index];
+    let mut clock: Time = match clock_mode {
+        ClockMode::Live => wall_ms() / settings.tick_ms * settings.tick_ms,
+        ClockMode::Event => 0,
+    };
+    inputs.advance_to(clock);
+    let mut pending: Vec<Query> = Vec::new();
+    let mut input_done = false;
+    let mut catch_up_at: Option<Time> = None;
+    let mut dumped = !replay;
+    let mut final_time: Option<Time> = None;
+
+    // Replay reads the whole catalog before the events (it applies retroactively either way).
+    if replay {
+        if let Some(c) = catalog.as_mut() {
+            while !c.read(batch_lines, &mut inputs.catalog, shared)? {}
+        }
+    }
+
+    loop {
+        if shared.stopping() {
+            break;
+        }
+        // 1. Read a bounded batch of this worker's lines.
+        let mut read = 0usize;
+        if !input_done {
+            if let Some(c) = catalog.as_mut() {
+                c.read(batch_lines, &mut inputs.catalog, shared)?;
+            }
+            let max_ts = match clock_mode {
+                ClockMode::Live => Some(wall_ms().saturating_add(settings.max_future_skew_ms)),
+                ClockMode::Event => None,
+            };
+            let mut local_max = 0u64;
+            while read < batch_lines {
+                match events.next_line()? {
+                    Next::Line { number, oversize } => {
+                        read += 1;
+                        let line = events.line();
+                        if !line.iter().all(u8::is_ascii_whitespace) {
+                            shared.metrics.event_read();
+                            let parsed = if oversize {
+                                Err(oversize_rejection())
+                            } else {
+                                parse::parse_event(line, &shared.names, max_ts)
+                            };
+                            match parsed {
+                                Ok(event) => {
+                                    local_max = local_max.max(event.ts);
+                                    inputs.events.update(event, 1);
+                                }
+                                Err(r) => shared.dead.reject(
+                                    &r,
+                                    &format!("{events_label}:{number}"),
+                                    line,
+                                ),
+                            }
+                        }
+                        events.clear();
+                    }
+                    Next::Wait => {
+                        if catch_up_at.is_none() {
+                            catch_up_at = Some(clock);
+                        }
+                        break;
+                    }
+                    Next::End => {
+                        input_done = true;
+                        if catch_up_at.is_none() {
+                            catch_up_at = Some(clock);
+                        }
+                        if replay {
+                            shared.inputs_done.fetch_add(1, Ordering::AcqRel);
+                        }
+                        break;
+                    }
+                }
+            }
+            shared.max_ts.fetch_max(local_max, Ordering::AcqRel);
+            status.lines.store(events.lines(), Ordering::Relaxed);
+            status.offset.store(events.offset(), Ordering::Relaxed);
+            if let Some(len) = events.file_len() {
+                status.file_len.store(len, Ordering::Relaxed);
+            }
+        }
+
+        // 2. Advance the engine clock.
+        let previous = clock;
+        match clock_mode {
+            ClockMode::Live => clock = clock.max(wall_ms() / settings.tick_ms * settings.tick_ms),
+            ClockMode::Event => {
+                if final_time.is_none() {
+                    clock = clock.max(
+                        shared
+                            .max_ts
+                            .load(Ordering::Acquire)
+                            .saturating_sub(settings.allowed_lateness_ms),
+                    );
+                }
+            }
+        }
+        // Replay: once every worker's input has ended, move the clock to the largest ts.
+        if replay
+            && final_time.is_none()
+            && shared.inputs_done.load(Ordering::Acquire) == peers as u64
+        {
+            let last = shared.max_ts.load(Ordering::Acquire);
+            final_time = Some(last);
+            clock = clock.max(last + 1);
+        }
+        inputs.advance_to(clock);
+        status.clock.store(clock, Ordering::Relaxed);
+        inputs.flush();
+
+        // 3. Step: busy while there is input, else park until the next tick or a wake-up.
+        if read > 0 {
+            worker.step();
+            // Backpressure: keep at most about one epoch of input in flight.
+            while probe.less_than(&previous) && !shared.stopping() {
+                worker.step();
+            }
+        } else {
+            let park = match clock_mode {
+                ClockMode::Live => {
+                    Duration::from_millis(settings.tick_ms - wall_ms() % settings.tick_ms)
+                }
+                ClockMode::Event if replay => Duration::from_millis(1),
+                ClockMode::Event => Duration::from_millis(settings.tick_ms),
+            };
+            worker.step_or_park(Some(park));
+        }
+
+        // 4. Progress, readiness, queries, compaction.
+        let latest = traces.latest();
+        let completed = latest.map(|l| l.saturating_add(1)).unwrap_or(0);
+        status.frontier.store(completed, Ordering::Release);
+        if index == 0 {
+            if let Some(c) = shared.clock() {
+                shared.metrics.set_clock(c);
+            }
+        }
+        if let Some(t) = catch_up_at {
+            if !replay && completed > t {
+                status.caught_up.store(true, Ordering::Release);
+            }
+        }
+        if !dumped {
+            if let Some(t) = final_time {
+                if completed > t {
+                    let profiles = traces
+                        .read_all(t)
+                        .map_err(|e| anyhow!("cannot read the final state at {t}: {e:?}"))?;
+                    if let Some(d) = dump {
+                        d.send(Ok(DumpPart { as_of: t, profiles }))
+                            .context("replay output channel closed")?;
+                    }
+                    dumped = true;
+                    status.caught_up.store(true, Ordering::Release);
+                    if !serve_after {
+                        break;
+                    }
+                }
+            }
+        }
+        pending.extend(queries.try_iter());
+        if !pending.is_empty() {
+            answer(&mut traces, latest, &mut pending, index);
+        }
+        if let Some(l) = latest {
+            // Answers are always given at the latest complete time, so no history is kept.
+            traces.compact_to(l);
+        }
+    }
+
+    for q in pending.drain(..) {
+        let _ = q.reply.send(Answer::Unavailable);
+    }
+    // Stop without draining: draining would process every future window retraction first.
+    drop(traces);
+    drop(inputs);
+    worker.drop_dataflow(dataflow_id);
+    Ok(())
+}
+
+/// Answers the queries whose time is complete; keeps the others until their deadline.
+fn answer(
+    traces: &mut ProfileTraces,
+    latest: Option<Time>,
+    pending: &mut Vec<Query>,
+    worker: usize,
+) {
+    let now = Instant::now();
+    let mut waiting = Vec::new();
+    for q in pending.drain(..) {
+        if q.reply.is_closed() {
+            continue;
+        }
+        let ready = match (latest, q.min_as_of) {
+            (Some(l), Some(min)) => l >= min,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !ready {
+            if now >= q.deadline {
+                let _ = q.reply.send(Answer::Timeout { as_of: latest });
+            } else {
+                waiting.push(q);
+            }
+            continue;
+        }
+        let as_of = latest.unwrap_or(0);
+        match traces.read_user(q.user, as_of) {
+            Ok(state) => {
+                let _ = q.reply.send(Answer::Profile {
+                    as_of,
+                    worker,
+                    state: state.map(Box::new),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(worker, "cannot read at {as_of}: {e:?}");
+                waiting.push(q);
+            }
+        }
+    }
+    *pending = waiting;
+}
+
+/// Receives every worker's dump part; returns the final time and all profiles.
+pub fn collect_dump(
+    parts: &Receiver<Result<DumpPart, String>>,
+    workers: usize,
+) -> Result<(u64, Vec<(u64, ProfileState)>)> {
+    let mut all = Vec::new();
+    let mut as_of = 0;
+    for _ in 0..workers {
+        let part = parts
+            .recv()
+            .map_err(|_| anyhow!("the workers stopped before the replay finished"))?
+            .map_err(|e| anyhow!(e))?;
+        as_of = part.as_of;
+        all.extend(part.profiles);
+    }
+    Ok((as_of, all))
+}

@@ -1,0 +1,307 @@
+//! The HTTP API (SPEC §5): profiles, status, health, readiness and metrics.
+//!
+//! Profile reads go to the worker that owns the user ([`crate::query`]); nothing here keeps a
+//! copy of engine state. Every error is `{"error": {"code", "message"}}` with a fitting status.
+
+use crate::engine::Shared;
+use crate::query::{Answer, Query};
+use crate::render;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// Waiting for `min_as_of_ms` is capped at this.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+/// Default wait for `min_as_of_ms`, and for a first complete time.
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+
+type Reply = Response<Full<Bytes>>;
+
+fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+    json_reply(
+        status,
+        &json!({"error": {"code": code, "message": message.into()}}),
+    )
+}
+
+/// Serves `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(route(req, &shared).await) }
+                    });
+                    let conn = http1::Builder::new()
+                        .max_buf_size(64 * 1024)
+                        .header_read_timeout(Duration::from_secs(10))
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
+    let started = Instant::now();
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (label, reply) = match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["v1", "users", user]) => {
+            ("profile", profile(shared, user, req.uri().query()).await)
+        }
+        (&Method::GET, ["v1", "status"]) => ("status", status(shared)),
+        (&Method::GET, ["healthz"]) => (
+            "healthz",
+            json_reply(StatusCode::OK, &json!({"status": "ok"})),
+        ),
+        (&Method::GET, ["readyz"]) => ("readyz", readyz(shared)),
+        (&Method::GET, ["metrics"]) => ("metrics", metrics(shared)),
+        (_, ["v1", "users", _])
+        | (_, ["v1", "status"])
+        | (_, ["healthz"])
+        | (_, ["readyz"])
+        | (_, ["metrics"]) => (
+            "other",
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed on {path}", req.method()),
+            ),
+        ),
+        _ => (
+            "other",
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for {path}"),
+            ),
+        ),
+    };
+    shared
+        .metrics
+        .observe_query(label, started.elapsed().as_secs_f64());
+    reply
+}
+
+fn param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn number_param(query: Option<&str>, name: &str) -> Result<Option<u64>, Box<Reply>> {
+    match param(query, name) {
+        None => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("{name} must be a non-negative integer, got {v:?}"),
+            ))
+        }),
+    }
+}
+
+async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> Reply {
+    let user_id = match percent_encoding::percent_decode_str(raw_user).decode_utf8() {
+        Ok(u) => u.into_owned(),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "user id is not valid UTF-8",
+            )
+        }
+    };
+    if user_id.is_empty() || user_id.len() > crate::parse::MAX_ID_BYTES {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("user id must be 1..={} bytes", crate::parse::MAX_ID_BYTES),
+        );
+    }
+    let (min_as_of, timeout_ms) = match (
+        number_param(query, "min_as_of_ms"),
+        number_param(query, "timeout_ms"),
+    ) {
+        (Ok(m), Ok(t)) => (m, t.unwrap_or(DEFAULT_TIMEOUT_MS).min(MAX_TIMEOUT_MS)),
+        (Err(r), _) | (_, Err(r)) => return *r,
+    };
+    let (tx, rx) = oneshot::channel();
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    shared.router.send(Query {
+        user: crate::names::hash(&user_id),
+        min_as_of,
+        deadline,
+        reply: tx,
+    });
+    // The worker replies by the deadline; the extra second covers a worker busy in a long step.
+    let answer = match tokio::time::timeout(Duration::from_millis(timeout_ms + 1_000), rx).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(_)) => Answer::Unavailable,
+        Err(_) => Answer::Timeout {
+            as_of: shared.clock(),
+        },
+    };
+    match answer {
+        Answer::Profile {
+            as_of,
+            worker,
+            state: Some(state),
+        } => match render::profile(
+            user_id.clone(),
+            as_of,
+            &state,
+            &shared.names,
+            &shared.settings,
+        ) {
+            Some(p) => {
+                let mut r = json_reply(
+                    StatusCode::OK,
+                    &serde_json::to_value(&p).unwrap_or_default(),
+                );
+                r.headers_mut()
+                    .insert("x-persona-worker", HeaderValue::from(worker as u64));
+                r
+            }
+            None => not_found(&user_id, as_of),
+        },
+        Answer::Profile {
+            as_of, state: None, ..
+        } => not_found(&user_id, as_of),
+        Answer::Timeout { as_of: None } => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the engine has not completed any time yet",
+        ),
+        Answer::Timeout { as_of: Some(t) } => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "the engine clock is at {t}, short of min_as_of_ms {} after {timeout_ms} ms",
+                min_as_of.unwrap_or(0)
+            ),
+        ),
+        Answer::Unavailable => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the engine is shutting down",
+        ),
+    }
+}
+
+fn not_found(user_id: &str, as_of: u64) -> Reply {
+    let mut r = error(
+        StatusCode::NOT_FOUND,
+        "user_not_found",
+        format!("no events for user {user_id:?} as of {as_of}"),
+    );
+    r.headers_mut()
+        .insert("x-persona-as-of-ms", HeaderValue::from(as_of));
+    r
+}
+
+fn status(shared: &Arc<Shared>) -> Reply {
+    let sources: Vec<_> = shared
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let offset = w.offset.load(Ordering::Relaxed);
+            let len = w.file_len.load(Ordering::Relaxed);
+            json!({
+                "kind": "file", "path": shared.source_path.display().to_string(), "worker": i,
+                "lines": w.lines.load(Ordering::Relaxed), "offset_bytes": offset,
+                "file_bytes": len, "lag_bytes": len.saturating_sub(offset),
+                "clock_ms": w.clock.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let m = &shared.metrics;
+    let dead: serde_json::Map<String, serde_json::Value> = m
+        .dead_letters()
+        .into_iter()
+        .map(|(k, v)| (k, json!(v)))
+        .collect();
+    json_reply(
+        StatusCode::OK,
+        &json!({
+            "as_of_ms": shared.clock(),
+            "ready": shared.ready(),
+            "uptime_ms": shared.started.elapsed().as_millis() as u64,
+            "clock": format!("{:?}", shared.settings.clock).to_lowercase(),
+            "workers": shared.workers.len(),
+            "processes": 1,
+            "sources": sources,
+            "counters": {
+                "events_in": m.events_read(), "accepted": m.accepted(), "duplicates": m.duplicates(),
+                "conflicting_duplicates": m.conflicting(), "dead_letters": dead, "catalog_records": m.catalog_records(),
+            },
+        }),
+    )
+}
+
+fn readyz(shared: &Arc<Shared>) -> Reply {
+    if shared.ready() {
+        json_reply(
+            StatusCode::OK,
+            &json!({"ready": true, "as_of_ms": shared.clock()}),
+        )
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the engine is still reading its sources' initial contents",
+        )
+    }
+}
+
+fn metrics(shared: &Arc<Shared>) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}

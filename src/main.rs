@@ -1,0 +1,169 @@
+//! The `persona` command line.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use persona::config::{ClockMode, Config, Settings};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "persona",
+    version,
+    about = "Real-time user profiles on differential dataflow"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine and the HTTP server (default config: follow the bundled sample log).
+    Run {
+        /// TOML config file (default: the embedded config/default.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Worker threads (overrides engine.workers).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// This process's index in a cluster (only 0 until cluster mode lands).
+        #[arg(long, default_value_t = 0)]
+        process: usize,
+    },
+    /// Replay a log as fast as possible and write the final profiles.
+    Replay {
+        /// Event log, JSON Lines (.gz accepted).
+        #[arg(long)]
+        events: PathBuf,
+        /// Item catalog, JSON Lines.
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        /// Write one profile per line, sorted by user_id (`-` for standard output).
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Dead-letter file (default: source.dead_letter_path of the config).
+        #[arg(long)]
+        dead_letters: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Keep the HTTP server up on the final state.
+        #[arg(long)]
+        serve: bool,
+    },
+    /// Write a synthetic event log (and catalog) for benchmarks.
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        #[arg(long, default_value_t = 100_000)]
+        users: u64,
+        #[arg(long, default_value_t = 20_000)]
+        items: u64,
+        #[arg(long, default_value_t = 40)]
+        categories: u64,
+        /// Time the log covers, e.g. "3d".
+        #[arg(long, default_value = "3d")]
+        span: String,
+        #[arg(long, default_value_t = 1_700_000_000_000)]
+        start_ms: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, default_value_t = 0.01)]
+        duplicates: f64,
+        #[arg(long, default_value_t = 0.02)]
+        late: f64,
+        #[arg(long, default_value_t = 0.001)]
+        invalid: f64,
+    },
+}
+
+fn settings(config: Option<PathBuf>, workers: Option<usize>, print: bool) -> Result<Settings> {
+    let mut config = Config::load(config.as_deref(), std::env::vars())?;
+    if let Some(w) = workers {
+        config.engine.workers = w;
+    }
+    if print {
+        eprintln!("# effective configuration\n{}", config.to_toml());
+    }
+    Settings::from_config(&config)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Run {
+            config,
+            workers,
+            process,
+        } => {
+            if process != 0 {
+                bail!("--process {process}: this build runs a single process (index 0); cluster mode is not available yet");
+            }
+            persona::run::command(settings(config, workers, true)?)
+        }
+        Command::Replay {
+            events,
+            catalog,
+            dump,
+            dead_letters,
+            config,
+            workers,
+            serve,
+        } => {
+            let mut s = settings(config, workers, false)?;
+            s.clock = ClockMode::Event;
+            persona::replay::command(
+                s,
+                persona::replay::Command {
+                    events,
+                    catalog,
+                    dump,
+                    dead_letters,
+                    serve,
+                },
+            )
+        }
+        Command::Generate {
+            out,
+            catalog,
+            events,
+            users,
+            items,
+            categories,
+            span,
+            start_ms,
+            seed,
+            duplicates,
+            late,
+            invalid,
+        } => {
+            let span_ms = humantime::parse_duration(&span)?.as_millis() as u64;
+            let o = persona::generate::Options {
+                out,
+                catalog,
+                events,
+                users,
+                items,
+                categories,
+                span_ms,
+                start_ms,
+                seed,
+                duplicates,
+                late,
+                invalid,
+            };
+            persona::generate::generate(&o)
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Prometheus metrics (text exposition at `GET /metrics`).
+
+use persona_dataflows::DedupObserver;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// All counters, shared by workers and the HTTP server.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    events_read: Counter,
+    accepted: Counter,
+    duplicates: Counter,
+    conflicting: Counter,
+    dead_letters: Family<ReasonLabel, Counter>,
+    catalog_records: Counter,
+    clock: Gauge<u64, AtomicU64>,
+    query_latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("persona");
+        let events_read = Counter::default();
+        let accepted = Counter::default();
+        let duplicates = Counter::default();
+        let conflicting = Counter::default();
+        let dead_letters = Family::<ReasonLabel, Counter>::default();
+        let catalog_records = Counter::default();
+        let clock = Gauge::<u64, AtomicU64>::default();
+        let query_latency =
+            Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "events_in",
+            "Event lines read from sources, valid or not",
+            events_read.clone(),
+        );
+        registry.register(
+            "events_accepted",
+            "Events accepted after validation and de-duplication",
+            accepted.clone(),
+        );
+        registry.register(
+            "duplicates",
+            "Events dropped as duplicates of an accepted event id",
+            duplicates.clone(),
+        );
+        registry.register(
+            "conflicting_duplicates",
+            "Duplicates whose content differed from the kept event",
+            conflicting.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Rejected lines by reason",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "catalog_records",
+            "Catalog records applied",
+            catalog_records.clone(),
+        );
+        registry.register(
+            "engine_clock_ms",
+            "Engine clock: the latest time every worker has completed",
+            clock.clone(),
+        );
+        registry.register(
+            "query_duration_seconds",
+            "HTTP request latency by route",
+            query_latency.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                events_read,
+                accepted,
+                duplicates,
+                conflicting,
+                dead_letters,
+                catalog_records,
+                clock,
+                query_latency,
+            }),
+        }
+    }
+
+    pub fn event_read(&self) {
+        self.inner.events_read.inc();
+    }
+    pub fn events_read(&self) -> u64 {
+        self.inner.events_read.get()
+    }
+    pub fn accepted(&self) -> u64 {
+        self.inner.accepted.get()
+    }
+    pub fn duplicates(&self) -> u64 {
+        self.inner.duplicates.get()
+    }
+    pub fn conflicting(&self) -> u64 {
+        self.inner.conflicting.get()
+    }
+    pub fn dead_letter(&self, reason: &str) {
+        self.inner
+            .dead_letters
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+    /// Dead letters by reason, sorted.
+    pub fn dead_letters(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for reason in crate::parse::REASONS {
+            let n = self
+                .inner
+                .dead_letters
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_string(),
+                })
+                .get();
+            if n > 0 {
+                out.push((reason.to_string(), n));
+            }
+        }
+        out
+    }
+    pub fn dead_letters_total(&self) -> u64 {
+        self.dead_letters().iter().map(|(_, n)| n).sum()
+    }
+    pub fn catalog_record(&self) {
+        self.inner.catalog_records.inc();
+    }
+    pub fn catalog_records(&self) -> u64 {
+        self.inner.catalog_records.get()
+    }
+    pub fn set_clock(&self, ms: u64) {
+        self.inner.clock.set(ms);
+    }
+    pub fn observe_query(&self, route: &str, seconds: f64) {
+        self.inner
+            .query_latency
+            .get_or_create(&RouteLabel {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
+            tracing::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+impl DedupObserver for Metrics {
+    fn accepted(&self) {
+        self.inner.accepted.inc();
+    }
+    fn duplicate(&self, conflicting: bool) {
+        self.inner.duplicates.inc();
+        if conflicting {
+            self.inner.conflicting.inc();
+        }
+    }
+}

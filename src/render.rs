@@ -1,0 +1,135 @@
+//! Turns a user's maintained state into the profile JSON of SPEC §4.
+
+use crate::config::{Settings, SCORE_WINDOW_MS};
+use crate::names::Names;
+use indexmap::IndexMap;
+use persona_dataflows::ProfileState;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How many categories a profile lists.
+pub const TOP_CATEGORIES: usize = 5;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CategoryCount {
+    pub category: String,
+    pub count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurrentSession {
+    pub start_ms: u64,
+    pub last_ms: u64,
+    pub events: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sessions {
+    pub count: u64,
+    pub avg_duration_ms: u64,
+    pub current: CurrentSession,
+}
+
+/// A profile, fields in the order SPEC §4 shows them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub user_id: String,
+    pub as_of_ms: u64,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub event_count: u64,
+    pub counts: BTreeMap<String, i64>,
+    pub windows: IndexMap<String, BTreeMap<String, i64>>,
+    pub distinct_items: i64,
+    pub recent_items: Vec<String>,
+    pub total_spend: f64,
+    pub devices: Vec<String>,
+    pub last_device: Option<String>,
+    pub top_categories: Vec<CategoryCount>,
+    pub sessions: Sessions,
+    pub engagement_score: f64,
+    pub segments: Vec<String>,
+}
+
+/// Renders `state` (which has basics: the user has events) as of `as_of`.
+pub fn profile(
+    user_id: String,
+    as_of: u64,
+    state: &ProfileState,
+    names: &Names,
+    settings: &Settings,
+) -> Option<Profile> {
+    let b = state.basics.as_ref()?;
+    let counts = state
+        .counts
+        .iter()
+        .map(|(k, n)| (names.name(*k), *n))
+        .collect();
+    let windows = settings
+        .windows
+        .iter()
+        .map(|w| {
+            (
+                w.label.clone(),
+                state
+                    .window(as_of, w.width_ms)
+                    .into_iter()
+                    .map(|(k, n)| (names.name(k), n))
+                    .collect(),
+            )
+        })
+        .collect();
+    let engagement_score = state
+        .window(as_of, SCORE_WINDOW_MS)
+        .iter()
+        .map(|(k, n)| settings.weight(&names.name(*k)) * *n as f64)
+        .sum::<f64>();
+    let mut categories: Vec<CategoryCount> = state
+        .categories
+        .iter()
+        .map(|(c, n)| CategoryCount {
+            category: names.name(*c),
+            count: *n,
+        })
+        .collect();
+    categories.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.category.cmp(&b.category))
+    });
+    categories.truncate(TOP_CATEGORIES);
+    Some(Profile {
+        user_id,
+        as_of_ms: as_of,
+        first_seen_ms: b.first,
+        last_seen_ms: b.last,
+        event_count: b.events,
+        counts,
+        windows,
+        distinct_items: b.distinct_items as i64,
+        recent_items: b
+            .recent_items()
+            .iter()
+            .map(|item| names.name(*item))
+            .collect(),
+        total_spend: b.spend(),
+        devices: state
+            .devices
+            .iter()
+            .map(|d| d.as_str().to_string())
+            .collect(),
+        last_device: b.last_device.map(|d| d.as_str().to_string()),
+        top_categories: categories,
+        sessions: Sessions {
+            count: b.sessions,
+            avg_duration_ms: b.avg_duration(),
+            current: CurrentSession {
+                start_ms: b.current_start,
+                last_ms: b.last,
+                events: b.current_events,
+            },
+        },
+        engagement_score,
+        segments: Vec::new(),
+    })
+}

@@ -1,0 +1,288 @@
+//! `persona replay`: a log, as fast as possible, to the final profiles.
+
+use crate::config::Settings;
+use crate::engine::{self, Mode, Shared};
+use crate::render::{self, Profile};
+use crate::server::Server;
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a replay did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub lines: u64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub conflicting_duplicates: u64,
+    pub dead_letters: u64,
+    pub users: usize,
+    pub as_of_ms: u64,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        let rate = if secs > 0.0 {
+            self.lines as f64 / secs
+        } else {
+            0.0
+        };
+        write!(
+            f,
+            "replayed {} events: {} accepted, {} duplicates ({} conflicting), {} dead letters; {} users as of {}; elapsed {:.3} s, {:.0} events/s",
+            self.lines, self.accepted, self.duplicates, self.conflicting_duplicates, self.dead_letters, self.users, self.as_of_ms, secs, rate
+        )?;
+        if let Some(kib) = peak_rss_kib() {
+            write!(f, ", peak RSS {} MiB", kib / 1024)?;
+        }
+        Ok(())
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`).
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A finished replay: the engine (still serving if asked to) and its final profiles.
+pub struct Replayed {
+    pub shared: Arc<Shared>,
+    pub summary: Summary,
+    /// Sorted by `user_id`.
+    pub profiles: Vec<Profile>,
+    guards: timely::communication::WorkerGuards<Result<(), String>>,
+}
+
+impl Replayed {
+    /// Waits for the workers to stop (after [`Shared::shutdown`] when serving).
+    pub fn join(self) -> Result<()> {
+        let mut errors = Vec::new();
+        for r in self.guards.join() {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) | Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!("workers failed: {}", errors.join("; ")))
+        }
+    }
+}
+
+/// Replays `events` (and `catalog`) with `settings`; with `serve`, the workers keep answering
+/// queries on the final state until shut down.
+pub fn replay(
+    settings: Settings,
+    events: &Path,
+    catalog: Option<&Path>,
+    dead_letters: &Path,
+    serve: bool,
+) -> Result<Replayed> {
+    if !events.is_file() {
+        bail!(
+            "events log {} does not exist or is not a file",
+            events.display()
+        );
+    }
+    if let Some(c) = catalog {
+        if !c.is_file() {
+            bail!("catalog {} does not exist or is not a file", c.display());
+        }
+    }
+    let started = Instant::now();
+    let mut settings = settings;
+    // A replay de-duplicates across the whole log, whatever its span: the result must be the
+    // log's, not a function of how far apart its copies happen to be.
+    settings.dedup_horizon_ms = u64::MAX;
+    let workers = settings.workers;
+    let shared = Shared::new(settings, events.to_path_buf(), dead_letters.to_path_buf());
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mode = Mode::Replay {
+        events: events.to_path_buf(),
+        catalog: catalog.map(Path::to_path_buf),
+        serve,
+    };
+    let guards = engine::start(shared.clone(), mode, Some(tx))?;
+    let progress = progress_bar(&shared, events);
+    let collected = engine::collect_dump(&rx, workers);
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    let (_, states) = match collected {
+        Ok(x) => x,
+        Err(e) => {
+            shared.shutdown();
+            let joined = Replayed {
+                shared,
+                summary: empty_summary(),
+                profiles: Vec::new(),
+                guards,
+            }
+            .join();
+            return Err(match joined {
+                Err(worker) => worker.context(e.to_string()),
+                Ok(()) => e,
+            });
+        }
+    };
+    // SPEC §3: the dump is taken at the largest ts of the accepted events.
+    let as_of = states
+        .iter()
+        .filter_map(|(_, s)| s.basics.map(|b| b.last))
+        .max()
+        .unwrap_or(0);
+    let mut profiles: Vec<Profile> = states
+        .iter()
+        .filter_map(|(user, state)| {
+            render::profile(
+                shared.names.name(*user),
+                as_of,
+                state,
+                &shared.names,
+                &shared.settings,
+            )
+        })
+        .collect();
+    profiles.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let m = &shared.metrics;
+    let summary = Summary {
+        lines: m.events_read(),
+        accepted: m.accepted(),
+        duplicates: m.duplicates(),
+        conflicting_duplicates: m.conflicting(),
+        dead_letters: m.dead_letters_total(),
+        users: profiles.len(),
+        as_of_ms: as_of,
+        elapsed: started.elapsed(),
+    };
+    Ok(Replayed {
+        shared,
+        summary,
+        profiles,
+        guards,
+    })
+}
+
+fn empty_summary() -> Summary {
+    Summary {
+        lines: 0,
+        accepted: 0,
+        duplicates: 0,
+        conflicting_duplicates: 0,
+        dead_letters: 0,
+        users: 0,
+        as_of_ms: 0,
+        elapsed: Duration::ZERO,
+    }
+}
+
+/// A progress bar over the log's bytes, drawn only on a terminal.
+fn progress_bar(shared: &Arc<Shared>, events: &Path) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let len = std::fs::metadata(events).ok()?.len();
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} replay [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .ok()?
+        .progress_chars("=> "),
+    );
+    let (bar2, shared) = (bar.clone(), shared.clone());
+    std::thread::spawn(move || {
+        while !bar2.is_finished() {
+            let offset = shared
+                .workers
+                .iter()
+                .map(|w| w.offset.load(std::sync::atomic::Ordering::Relaxed))
+                .min()
+                .unwrap_or(0);
+            bar2.set_position(offset);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    Some(bar)
+}
+
+/// Writes profiles as JSON Lines to `path` (`-`: standard output).
+pub fn write_dump(path: &Path, profiles: &[Profile]) -> Result<()> {
+    let out: Box<dyn Write> = if path == Path::new("-") {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create dump file {}", path.display()))?,
+        )
+    };
+    let mut out = BufWriter::new(out);
+    for p in profiles {
+        serde_json::to_writer(&mut out, p)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+        .with_context(|| format!("cannot write dump file {}", path.display()))?;
+    Ok(())
+}
+
+/// The `replay` command.
+pub struct Command {
+    pub events: PathBuf,
+    pub catalog: Option<PathBuf>,
+    pub dump: Option<PathBuf>,
+    pub dead_letters: Option<PathBuf>,
+    pub serve: bool,
+}
+
+pub fn command(settings: Settings, cmd: Command) -> Result<()> {
+    let dead = cmd
+        .dead_letters
+        .clone()
+        .unwrap_or_else(|| settings.source.dead_letter_path.clone());
+    let listen = settings.listen.clone();
+    let replayed = replay(
+        settings,
+        &cmd.events,
+        cmd.catalog.as_deref(),
+        &dead,
+        cmd.serve,
+    )?;
+    if let Some(path) = &cmd.dump {
+        write_dump(path, &replayed.profiles)?;
+    }
+    let to_stdout = cmd.dump.as_deref() != Some(Path::new("-"));
+    let line = replayed.summary.to_string();
+    if to_stdout {
+        println!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+    if replayed.summary.dead_letters > 0 {
+        eprintln!("dead letters written to {}", dead.display());
+    }
+    if cmd.serve {
+        let server = Server::start(&listen, replayed.shared.clone(), true)?;
+        eprintln!(
+            "serving the final state on http://{} (Ctrl-C to stop)",
+            server.addr
+        );
+        let shared = replayed.shared.clone();
+        let result = replayed.join();
+        shared.shutdown();
+        server.join();
+        result
+    } else {
+        replayed.shared.shutdown();
+        replayed.join()
+    }
+}

@@ -1,0 +1,92 @@
+//! Runs the HTTP server on its own thread with a small tokio runtime.
+
+use crate::engine::Shared;
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub struct Server {
+    pub addr: SocketAddr,
+    thread: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds `listen` now (so a bad address fails at start) and serves until the engine stops.
+    /// With `signals`, Ctrl-C / SIGTERM stop the engine.
+    pub fn start(listen: &str, shared: Arc<Shared>, signals: bool) -> Result<Server> {
+        let std_listener = std::net::TcpListener::bind(listen).with_context(|| {
+            format!("cannot listen on {listen} (http.listen / PERSONA_HTTP_LISTEN)")
+        })?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the HTTP runtime")?;
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("cannot use the HTTP listener: {e}");
+                            shared.shutdown();
+                            return;
+                        }
+                    };
+                    let stop = shared.clone();
+                    let shutdown = async move {
+                        loop {
+                            if stop.stopping() {
+                                return;
+                            }
+                            if signals {
+                                tokio::select! {
+                                    _ = shutdown_signal() => {
+                                        tracing::info!("signal received, stopping");
+                                        stop.shutdown();
+                                        return;
+                                    }
+                                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                                }
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    };
+                    crate::http::serve(listener, shared, shutdown).await;
+                })
+            })?;
+        Ok(Server { addr, thread })
+    }
+
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,147 @@
+//! The golden log in `tests/data/` through the `persona replay` command, against its expected
+//! dump. The expected file is written by the test's independent reference implementation
+//! (`REWRITE=1 cargo test --test golden`), and spot-checked by hand below: inspect any diff
+//! before committing it.
+
+mod support;
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn golden_log_replays_to_its_expected_dump() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let (events, catalog, expected_path) = (
+        data.join("golden-events.jsonl"),
+        data.join("golden-catalog.jsonl"),
+        data.join("golden-expected.jsonl"),
+    );
+    let (reference, stats) = support::reference::profiles(&lines(&events), &lines(&catalog));
+    if std::env::var_os("REWRITE").is_some() {
+        let text: String = reference.iter().map(|p| format!("{p}\n")).collect();
+        std::fs::write(&expected_path, text).unwrap();
+    }
+    let expected: Vec<Value> = lines(&expected_path)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    support::assert_profiles_eq(&reference, &expected, "reference vs expected file");
+
+    // Hand-checked facts of the golden log (SPEC §4), so the expected file is not taken on trust.
+    let alice = &expected[0];
+    assert_eq!(alice["user_id"], "alice");
+    assert_eq!(
+        alice["event_count"], 11,
+        "g04 twice counts once; g20 is alice's"
+    );
+    assert_eq!(alice["total_spend"].as_f64().unwrap(), 179.9);
+    assert_eq!(
+        alice["sessions"]["count"], 4,
+        "30 min + 200 ms splits, 30 min + 1 ms splits"
+    );
+    assert_eq!(
+        alice["devices"],
+        serde_json::json!(["desktop", "mobile", "tablet"])
+    );
+    assert_eq!(alice["last_device"], "desktop");
+    let bob = &expected[1];
+    assert_eq!(
+        bob["sessions"]["count"], 2,
+        "a gap of exactly 30 min stays in the session"
+    );
+    assert_eq!(
+        bob["last_device"], "other",
+        "conflicting g13: the copy with the smaller ts is kept"
+    );
+    assert_eq!(
+        bob["recent_items"],
+        serde_json::json!(["a-item", "b-item", "hat-2"])
+    );
+    assert_eq!(
+        bob["top_categories"],
+        serde_json::json!([{"category": "accessories", "count": 1}, {"category": "misc", "count": 1}])
+    );
+    assert_eq!(stats.dead, 7);
+
+    for workers in ["1", "3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let dump = dir.path().join("dump.jsonl");
+        let dead = dir.path().join("dead.jsonl");
+        let out = Command::new(env!("CARGO_BIN_EXE_persona"))
+            .args(["replay", "--events"])
+            .arg(&events)
+            .arg("--catalog")
+            .arg(&catalog)
+            .arg("--dump")
+            .arg(&dump)
+            .arg("--dead-letters")
+            .arg(&dead)
+            .args(["--workers", workers])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "replay failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            summary.contains(&format!("{} accepted", stats.accepted)),
+            "{summary}"
+        );
+        assert!(
+            summary.contains(&format!("{} dead letters", stats.dead + 1)),
+            "events and the bad catalog record: {summary}"
+        );
+        let actual: Vec<Value> = lines(&dump)
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        support::assert_profiles_eq(&actual, &expected, &format!("golden, {workers} workers"));
+
+        // Every rejected line is in the dead-letter file with its reason and source line.
+        let dead: Vec<Value> = lines(&dead)
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            dead.len() as u64,
+            stats.dead + 1,
+            "7 bad events and 1 bad catalog record"
+        );
+        let sources: Vec<&str> = dead.iter().map(|d| d["source"].as_str().unwrap()).collect();
+        assert!(
+            sources
+                .iter()
+                .any(|s| s.ends_with("golden-events.jsonl:23")),
+            "{sources:?}"
+        );
+        assert!(
+            sources
+                .iter()
+                .any(|s| s.ends_with("golden-catalog.jsonl:8")),
+            "{sources:?}"
+        );
+        let reasons: Vec<&str> = dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+        for r in [
+            "invalid_json",
+            "missing_field",
+            "invalid_field",
+            "unknown_schema_version",
+        ] {
+            assert!(reasons.contains(&r), "{reasons:?}");
+        }
+        assert!(dead
+            .iter()
+            .all(|d| d["raw"].is_string() && d["detail"].is_string()));
+    }
+}

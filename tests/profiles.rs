@@ -1,0 +1,216 @@
+//! Property tests: `persona replay` on random logs — duplicates, conflicting duplicates, late
+//! and out-of-order events, bad lines, catalog updates and deletions — equals the from-scratch
+//! reference of SPEC §4 in `support/reference.rs`, field by field, on 1, 2 and 4 workers.
+
+mod support;
+
+use proptest::prelude::*;
+use serde_json::json;
+use support::reference;
+
+const BASE: u64 = 1_700_000_000_000;
+const HOUR: u64 = 3_600_000;
+const DAY: u64 = 24 * HOUR;
+/// Offsets from BASE: random ones, and ones that land exactly on (or one ms off) session-gap
+/// and window boundaries relative to the log's last event at BASE + SPAN.
+const SPAN: u64 = 9 * DAY;
+
+fn offset() -> impl Strategy<Value = u64> {
+    let edges: Vec<u64> = [HOUR, DAY, 7 * DAY]
+        .iter()
+        .flat_map(|w| [SPAN - w, SPAN - w + 1, SPAN - w - 1])
+        .chain((0..6).flat_map(|k| [SPAN - k * 1_800_000, SPAN - k * 1_800_000 - 1]))
+        .chain([SPAN, 0])
+        .collect();
+    prop_oneof![
+        4 => 0..SPAN,
+        2 => (SPAN - 3 * HOUR)..SPAN,
+        2 => proptest::sample::select(edges),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct GenEvent {
+    user: usize,
+    kind: usize,
+    offset: u64,
+    item: Option<usize>,
+    value: Option<usize>,
+    device: Option<usize>,
+    rfc3339: bool,
+}
+
+const USERS: [&str; 5] = ["u1", "u2", "user-3", "ü4", "u5"];
+const KINDS: [&str; 10] = [
+    "page_view",
+    "product_view",
+    "click",
+    "search",
+    "add_to_cart",
+    "remove_from_cart",
+    "purchase",
+    "onboarding_step",
+    "fav",
+    "signup_2",
+];
+const ITEMS: [&str; 7] = ["i1", "i2", "i3", "b", "a", "item-with-a-longer-id", "Z"];
+const VALUES: [f64; 4] = [0.0, 1.5, 19.99, 100.0];
+const DEVICES: [&str; 4] = ["desktop", "mobile", "tablet", "other"];
+const CATEGORIES: [&str; 3] = ["shoes", "bags", "hats"];
+const BAD_LINES: [&str; 9] = [
+    "not json at all",
+    "[1,2,3]",
+    r#"{"event_id":"bad1","type":"click","ts":1700000000000}"#,
+    r#"{"event_id":"bad2","user_id":"u1","type":"Click","ts":1700000000000}"#,
+    r#"{"event_id":"bad3","user_id":"u1","type":"purchase","ts":1700000000000}"#,
+    r#"{"event_id":"bad4","user_id":"u1","type":"click","ts":-5}"#,
+    r#"{"event_id":"bad5","user_id":"u1","type":"click","ts":1700000000000,"schema_version":9}"#,
+    r#"{"event_id":"bad6","user_id":"u1","type":"click","ts":1700000000000,"value":-1}"#,
+    r#"{"event_id":"bad7","user_id":"u1","type":"click","ts":"yesterday"}"#,
+];
+
+fn gen_event() -> impl Strategy<Value = GenEvent> {
+    (
+        0..USERS.len(),
+        0..KINDS.len(),
+        offset(),
+        proptest::option::of(0..ITEMS.len()),
+        proptest::option::of(0..VALUES.len()),
+        proptest::option::weighted(0.6, 0..7usize),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(user, kind, offset, item, value, device, rfc3339)| GenEvent {
+                user,
+                kind,
+                offset,
+                item,
+                value,
+                device,
+                rfc3339,
+            },
+        )
+}
+
+fn line(id: &str, e: &GenEvent) -> String {
+    let ts = BASE + e.offset;
+    let mut o = json!({"event_id": id, "user_id": USERS[e.user], "type": KINDS[e.kind]});
+    o["ts"] = if e.rfc3339 {
+        json!(chrono::DateTime::from_timestamp_millis(ts as i64)
+            .unwrap()
+            .to_rfc3339())
+    } else {
+        json!(ts)
+    };
+    let needs_item = [
+        "product_view",
+        "add_to_cart",
+        "remove_from_cart",
+        "purchase",
+    ]
+    .contains(&KINDS[e.kind]);
+    if let Some(i) = e.item.or(needs_item.then_some(0)) {
+        o["item_id"] = json!(ITEMS[i]);
+    }
+    if let Some(v) = e.value {
+        o["value"] = json!(VALUES[v]);
+    }
+    match e.device {
+        Some(d) if d < 4 => o["device"] = json!({"type": DEVICES[d], "os": "x"}),
+        Some(d) => o["device"] = json!({"user_agent": reference::USER_AGENTS[d - 4].0}),
+        None => {}
+    }
+    o["context"] = json!({"country": "DE", "ip": "10.0.0.1"});
+    o.to_string()
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    events: Vec<String>,
+    catalog: Vec<String>,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let events = proptest::collection::vec(gen_event(), 1..60);
+    let dups = proptest::collection::vec(
+        (any::<proptest::sample::Index>(), 0..3u8, 1..100_000u64),
+        0..12,
+    );
+    let bad = proptest::collection::vec(proptest::sample::select(BAD_LINES.to_vec()), 0..4);
+    let catalog = proptest::collection::vec(
+        (
+            0..ITEMS.len(),
+            proptest::option::weighted(0.8, 0..CATEGORIES.len()),
+            proptest::bool::weighted(0.1),
+        ),
+        0..14,
+    );
+    let order = proptest::collection::vec(any::<u64>(), 200);
+    (events, dups, bad, catalog, order).prop_map(|(events, dups, bad, catalog, order)| {
+        let mut lines: Vec<String> = events
+            .iter()
+            .enumerate()
+            .map(|(n, e)| line(&format!("e{n}"), e))
+            .collect();
+        for (idx, how, shift) in dups {
+            let n = idx.index(events.len());
+            match how {
+                // Redelivery: the same line again.
+                0 | 1 => lines.push(lines[n].clone()),
+                // Conflicting duplicate: same id, a different ts (the smaller one must win).
+                _ => {
+                    let mut e = events[n].clone();
+                    e.offset = if e.offset >= shift {
+                        e.offset - shift
+                    } else {
+                        e.offset + shift
+                    };
+                    lines.push(line(&format!("e{n}"), &e));
+                }
+            }
+        }
+        lines.extend(bad.iter().map(|s| s.to_string()));
+        // Arbitrary arrival order: late and out-of-order events everywhere.
+        let mut keyed: Vec<(u64, String)> = lines
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (order[i % order.len()].rotate_left(i as u32), l))
+            .collect();
+        keyed.sort();
+        let catalog = catalog
+            .into_iter()
+            .map(|(item, cat, deleted)| {
+                let mut o = json!({"item_id": ITEMS[item], "price": 9.5});
+                if let Some(c) = cat {
+                    o["category"] = json!(CATEGORIES[c]);
+                }
+                if deleted {
+                    o["deleted"] = json!(true);
+                }
+                o.to_string()
+            })
+            .collect();
+        Case {
+            events: keyed.into_iter().map(|(_, l)| l).collect(),
+            catalog,
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Every profile field, the accepted/duplicate/dead-letter counts, with 1, 2 and 4 workers.
+    #[test]
+    fn replay_matches_the_reference(case in case()) {
+        let (expected, stats) = reference::profiles(&case.events, &case.catalog);
+        for workers in [1, 2, 4] {
+            let (actual, summary) = support::replay_lines(&case.events, &case.catalog, workers);
+            support::assert_profiles_eq(&actual, &expected, &format!("{workers} workers"));
+            prop_assert_eq!(summary.accepted, stats.accepted, "accepted, {} workers", workers);
+            prop_assert_eq!(summary.duplicates, stats.duplicates, "duplicates, {} workers", workers);
+            prop_assert_eq!(summary.dead_letters, stats.dead, "dead letters, {} workers", workers);
+            prop_assert_eq!(summary.lines, stats.lines, "lines, {} workers", workers);
+        }
+    }
+}
