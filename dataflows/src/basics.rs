@@ -15,8 +15,8 @@
 //! * `recent_items`: newest latest-touch first, ties by item id string ascending; `last_device`:
 //!   the largest `(ts, event_id string)` among events with a device.
 //!
-//! Cost per event: O(log n) in the user's distinct timestamps and items, plus O(events in the
-//! current session) to count them. Memory: one ordered entry per distinct (user, ts), per
+//! Cost per event: O(log n) in the user's distinct timestamps and items (a late event that
+//! moves the start of the current session also recounts that session). Memory: one ordered entry per distinct (user, ts), per
 //! (user, item, ts) and per device event, and one emitted [`Basics`] per user.
 //! (Counts by type and devices are additive and live in [`crate::counts`].)
 
@@ -82,6 +82,9 @@ struct UserState {
     item_times: BTreeMap<(u64, u64), u64>,
     /// `(latest ts, item)` for every item.
     latest: BTreeSet<(Reverse<u64>, u64)>,
+    /// The current (last) session's start and number of events, kept up to date so that a
+    /// long-running session costs O(1) per event, not O(its length).
+    current: Option<(u64, u64)>,
     emitted: Option<Basics>,
 }
 
@@ -120,6 +123,7 @@ impl UserState {
 
     fn apply(&mut self, e: &Event, diff: i64, gap: u64, purchase_kind: u64) {
         let n = diff.unsigned_abs();
+        let start_before = self.starts.keys().next_back().copied();
         if diff > 0 {
             let entry = self.times.entry(e.ts).or_insert(0);
             *entry += n;
@@ -150,6 +154,19 @@ impl UserState {
             } else {
                 x.saturating_sub(n)
             }
+        };
+        // The current session: adjust in place while its start stays; recount when it moves
+        // (a new session began, which is short, or a late event merged sessions, which is rare).
+        let start_after = self.starts.keys().next_back().copied();
+        self.current = match (start_after, self.current) {
+            (Some(s), Some((cs, mut count))) if Some(s) == start_before && cs == s => {
+                if e.ts >= s {
+                    add(&mut count);
+                }
+                Some((s, count))
+            }
+            (Some(s), _) => Some((s, self.times.range(s..).map(|(_, c)| *c).sum())),
+            (None, _) => None,
         };
         add(&mut self.events);
         if e.kind == purchase_kind {
@@ -185,7 +202,7 @@ impl UserState {
     fn basics(&self, names: &NameOrder) -> Option<Basics> {
         let (&first, _) = self.times.iter().next()?;
         let (&last, _) = self.times.iter().next_back()?;
-        let (&current_start, _) = self.starts.iter().next_back()?;
+        let (current_start, current_events) = self.current?;
         // Take the newest ten, plus everything tied with the tenth, then order ties by name.
         let mut recent: Vec<(u64, u64)> = Vec::with_capacity(RECENT_ITEMS + 2);
         for (Reverse(t), item) in &self.latest {
@@ -223,7 +240,7 @@ impl UserState {
             sessions: self.starts.len() as u64,
             duration_sum: (last - first) - self.gap_sum,
             current_start,
-            current_events: self.times.range(current_start..).map(|(_, n)| *n).sum(),
+            current_events,
         })
     }
 }

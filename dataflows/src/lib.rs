@@ -12,7 +12,7 @@
 //! | view | per event | state |
 //! |---|---|---|
 //! | [`dedup`] | O(1) | one entry per id within the dedup horizon |
-//! | [`basics`] | O(log n) in the user's history, + O(current session) | one ordered entry per distinct (user, ts), (user, item, ts), device event |
+//! | [`basics`] | O(log n) in the user's history | one ordered entry per distinct (user, ts), (user, item, ts), device event |
 //! | [`counts`] | 1-2 updates | one record per (user, type / device) |
 //! | [`windows`] | 2 updates, O(log pending) | one record per event within the widest window |
 //! | [`categories`] | O(1); a catalog change costs O(users of the item) | one record per (item, user) |
