@@ -5,6 +5,7 @@ use crate::engine::{self, Mode, Shared};
 use crate::render::{self, Profile};
 use crate::server::Server;
 use anyhow::{anyhow, bail, Context, Result};
+use persona_dataflows::ProfileState;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -139,19 +140,8 @@ pub fn replay(
         .filter_map(|(_, s)| s.basics.map(|b| b.last))
         .max()
         .unwrap_or(0);
-    let mut profiles: Vec<Profile> = states
-        .iter()
-        .filter_map(|(user, state)| {
-            render::profile(
-                shared.names.name(*user),
-                as_of,
-                state,
-                &shared.names,
-                &shared.settings,
-            )
-        })
-        .collect();
-    profiles.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let mut profiles = render_all(&shared, as_of, &states);
+    profiles.sort_unstable_by(|a, b| a.user_id.cmp(&b.user_id));
     let m = &shared.metrics;
     let summary = Summary {
         lines: m.events_read(),
@@ -168,6 +158,35 @@ pub fn replay(
         summary,
         profiles,
         guards,
+    })
+}
+
+/// Renders every profile, on as many threads as the engine has workers.
+fn render_all(shared: &Shared, as_of: u64, states: &[(u64, ProfileState)]) -> Vec<Profile> {
+    let chunk = states.len().div_ceil(shared.settings.workers.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = states
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .filter_map(|(user, state)| {
+                            render::profile(
+                                shared.names.name(*user),
+                                as_of,
+                                state,
+                                &shared.names,
+                                &shared.settings,
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().unwrap_or_default())
+            .collect()
     })
 }
 

@@ -10,16 +10,18 @@
 //! one worker that owns the user, at one `as_of`: every answer is consistent at its time.
 
 use crate::basics::{self, Basics};
-use crate::event::{Device, Event, NameOrder, Time, UserKey};
+use crate::event::{route_hash, Device, Event, NameOrder, Time, UserKey};
 use crate::{categories, counts, dedup, windows};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::{cursor_list, Cursor};
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::trace::TraceReader;
+use differential_dataflow::AsCollection;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use timely::dataflow::operators::Exchange;
 use timely::progress::Antichain;
 
 /// An additive fact about a user: its value is the record's multiplicity.
@@ -64,7 +66,12 @@ pub fn profiles<'s>(
     config: &ViewConfig,
     stats: Arc<dyn dedup::DedupObserver>,
 ) -> (Arranged<'s, BasicsTrace>, Arranged<'s, FeatureTrace>) {
-    let events = dedup::dedup(raw, config.dedup_horizon_ms, stats);
+    // One move to the user's worker; every view downstream is keyed by user, so their own
+    // exchanges then stay on this worker.
+    let events = dedup::dedup(raw, config.dedup_horizon_ms, stats)
+        .inner
+        .exchange(|update: &(Event, Time, isize)| route_hash(update.0.user))
+        .as_collection();
     let basics = basics::basics(
         events.clone(),
         config.session_gap_ms,
