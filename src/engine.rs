@@ -156,6 +156,20 @@ pub fn start(
     Ok(guards)
 }
 
+/// Waits for every worker and gathers their errors into one.
+pub fn join(guards: timely::communication::WorkerGuards<Result<(), String>>) -> Result<()> {
+    let errors: Vec<String> = guards
+        .join()
+        .into_iter()
+        .filter_map(|r| r.and_then(|inner| inner).err())
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("workers failed: {}", errors.join("; ")))
+    }
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

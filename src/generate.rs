@@ -10,21 +10,44 @@ use rand::{Rng, SeedableRng};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
+#[derive(clap::Args, Debug, Clone)]
 pub struct Options {
+    /// Where to write the event log.
+    #[arg(long)]
     pub out: PathBuf,
+    /// Where to write a matching item catalog.
+    #[arg(long)]
     pub catalog: Option<PathBuf>,
+    #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
+    #[arg(long, default_value_t = 100_000)]
     pub users: u64,
+    #[arg(long, default_value_t = 20_000)]
     pub items: u64,
+    #[arg(long, default_value_t = 40)]
     pub categories: u64,
-    /// Time covered by the log.
+    /// Time the log covers, e.g. "3d".
+    #[arg(long = "span", value_name = "DURATION", default_value = "3d", value_parser = parse_span)]
     pub span_ms: u64,
+    #[arg(long, default_value_t = 1_700_000_000_000)]
     pub start_ms: u64,
+    #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Fractions of duplicate, late and invalid lines.
+    /// Fraction of lines that repeat the previous event (redelivery).
+    #[arg(long, default_value_t = 0.01)]
     pub duplicates: f64,
+    /// Fraction of events up to two hours late.
+    #[arg(long, default_value_t = 0.02)]
     pub late: f64,
+    /// Fraction of invalid lines.
+    #[arg(long, default_value_t = 0.001)]
     pub invalid: f64,
+}
+
+fn parse_span(s: &str) -> Result<u64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 const TYPES: [(&str, u32); 8] = [

@@ -53,33 +53,7 @@ enum Command {
         serve: bool,
     },
     /// Write a synthetic event log (and catalog) for benchmarks.
-    Generate {
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        catalog: Option<PathBuf>,
-        #[arg(long, default_value_t = 1_000_000)]
-        events: u64,
-        #[arg(long, default_value_t = 100_000)]
-        users: u64,
-        #[arg(long, default_value_t = 20_000)]
-        items: u64,
-        #[arg(long, default_value_t = 40)]
-        categories: u64,
-        /// Time the log covers, e.g. "3d".
-        #[arg(long, default_value = "3d")]
-        span: String,
-        #[arg(long, default_value_t = 1_700_000_000_000)]
-        start_ms: u64,
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-        #[arg(long, default_value_t = 0.01)]
-        duplicates: f64,
-        #[arg(long, default_value_t = 0.02)]
-        late: f64,
-        #[arg(long, default_value_t = 0.001)]
-        invalid: f64,
-    },
+    Generate(persona::generate::Options),
 }
 
 fn settings(config: Option<PathBuf>, workers: Option<usize>, print: bool) -> Result<Settings> {
@@ -134,36 +108,6 @@ fn main() -> Result<()> {
                 },
             )
         }
-        Command::Generate {
-            out,
-            catalog,
-            events,
-            users,
-            items,
-            categories,
-            span,
-            start_ms,
-            seed,
-            duplicates,
-            late,
-            invalid,
-        } => {
-            let span_ms = humantime::parse_duration(&span)?.as_millis() as u64;
-            let o = persona::generate::Options {
-                out,
-                catalog,
-                events,
-                users,
-                items,
-                categories,
-                span_ms,
-                start_ms,
-                seed,
-                duplicates,
-                late,
-                invalid,
-            };
-            persona::generate::generate(&o)
-        }
+        Command::Generate(o) => persona::generate::generate(&o),
     }
 }

@@ -4,7 +4,7 @@ use crate::config::Settings;
 use crate::engine::{self, Mode, Shared};
 use crate::render::{self, Profile};
 use crate::server::Server;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use persona_dataflows::ProfileState;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -63,18 +63,7 @@ pub struct Replayed {
 impl Replayed {
     /// Waits for the workers to stop (after [`Shared::shutdown`] when serving).
     pub fn join(self) -> Result<()> {
-        let mut errors = Vec::new();
-        for r in self.guards.join() {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) | Err(e) => errors.push(e),
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(anyhow!("workers failed: {}", errors.join("; ")))
-        }
+        engine::join(self.guards)
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::config::Settings;
 use crate::engine::{self, Mode, Shared};
 use crate::server::Server;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 
 pub fn command(settings: Settings) -> Result<()> {
     let source = settings.source.clone();
@@ -22,19 +22,11 @@ pub fn command(settings: Settings) -> Result<()> {
     let server = Server::start(&listen, shared.clone(), true)?;
     tracing::info!(workers = shared.workers.len(), source = %source.path.display(), follow = source.follow, "persona listening on http://{}", server.addr);
     let guards = engine::start(shared.clone(), Mode::Run, None)?;
-    let mut errors = Vec::new();
-    for r in guards.join() {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) | Err(e) => errors.push(e),
-        }
-    }
+    let result = engine::join(guards);
     shared.shutdown();
     server.join();
-    if errors.is_empty() {
+    if result.is_ok() {
         tracing::info!("stopped");
-        Ok(())
-    } else {
-        Err(anyhow!("workers failed: {}", errors.join("; ")))
     }
+    result
 }
