@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use persona::config::{ClockMode, Config, Settings};
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -62,7 +63,12 @@ fn settings(config: Option<PathBuf>, workers: Option<usize>, print: bool) -> Res
         config.engine.workers = w;
     }
     if print {
-        eprintln!("# effective configuration\n{}", config.to_toml());
+        // Not eprintln!: a closed stderr is no reason to fail.
+        let _ = writeln!(
+            std::io::stderr(),
+            "# effective configuration\n{}",
+            config.to_toml()
+        );
     }
     Settings::from_config(&config)
 }
@@ -74,6 +80,8 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr must not panic the thread that logs (it would report with eprintln!).
+        .log_internal_errors(false)
         .init();
     match Cli::parse().command {
         Command::Run {

@@ -28,6 +28,9 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
+                // Whatever ends this thread (even a panic) stops the engine: without it,
+                // nothing would answer queries or signals.
+                let _stop_on_exit = StopOnExit(shared.clone());
                 runtime.block_on(async move {
                     let listener = match tokio::net::TcpListener::from_std(std_listener) {
                         Ok(l) => l,
@@ -46,8 +49,8 @@ impl Server {
                             if signals {
                                 tokio::select! {
                                     _ = shutdown_signal() => {
-                                        tracing::info!("signal received, stopping");
                                         stop.shutdown();
+                                        tracing::info!("signal received, stopping");
                                         return;
                                     }
                                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -65,6 +68,14 @@ impl Server {
 
     pub fn join(self) {
         let _ = self.thread.join();
+    }
+}
+
+struct StopOnExit(Arc<Shared>);
+
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        self.0.shutdown();
     }
 }
 

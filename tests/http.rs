@@ -118,7 +118,7 @@ impl Engine {
         }
     }
 
-    fn stop(mut self) {
+    fn stop(&mut self) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
@@ -143,6 +143,16 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// A failed assertion must not leave the server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn event(id: &str, user: &str, kind: &str, ts: u64, item: Option<&str>) -> String {
     let mut v = serde_json::json!({"event_id": id, "user_id": user, "type": kind, "ts": ts, "device": {"type": "mobile"}});
     if let Some(i) = item {
@@ -158,7 +168,7 @@ fn read(path: &Path) -> String {
 #[test]
 fn run_serves_profiles_follows_the_log_and_reports_errors() {
     let t = now_ms() - 60_000;
-    let engine = Engine::start(&[
+    let mut engine = Engine::start(&[
         event("e1", "u1", "page_view", t, None),
         event("e2", "u1", "product_view", t + 1_000, Some("i1")),
         event("e2", "u1", "product_view", t + 1_000, Some("i1")),
