@@ -29,7 +29,8 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 echo "log: $EVENTS events, $USERS users, span $SPAN, $(du -h "$LOG" | cut -f1)"
 printf '%-8s %14s %12s %14s\n' workers events/s elapsed_s peak_rss_mib
 for w in $WORKERS; do
-  line=$("$BIN" replay --events "$LOG" --catalog "$CATALOG" --workers "$w" --dead-letters "$OUT/dead.jsonl" --dump "$OUT/dump-$w.jsonl" 2>>"$OUT/replay.log")
+  rm -f "$OUT/dead-$w.jsonl"
+  line=$("$BIN" replay --events "$LOG" --catalog "$CATALOG" --workers "$w" --dead-letters "$OUT/dead-$w.jsonl" --dump "$OUT/dump-$w.jsonl" 2>>"$OUT/replay.log")
   rate=$(sed -E 's/.* ([0-9]+) events\/s.*/\1/' <<<"$line")
   secs=$(sed -E 's/.*elapsed ([0-9.]+) s.*/\1/' <<<"$line")
   rss=$(sed -E 's/.*peak RSS ([0-9]+) MiB.*/\1/' <<<"$line")

@@ -13,24 +13,28 @@ use std::path::PathBuf;
     about = "Real-time user profiles on differential dataflow"
 )]
 struct Cli {
+    /// With no command, `persona` runs the engine with the default config (`persona run`).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    /// TOML config file (default: the embedded config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Worker threads (overrides engine.workers).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// This process's index in a cluster (only 0 until cluster mode lands).
+    #[arg(long, default_value_t = 0)]
+    process: usize,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the engine and the HTTP server (default config: follow the bundled sample log).
-    Run {
-        /// TOML config file (default: the embedded config/default.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Worker threads (overrides engine.workers).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// This process's index in a cluster (only 0 until cluster mode lands).
-        #[arg(long, default_value_t = 0)]
-        process: usize,
-    },
+    Run(RunArgs),
     /// Replay a log as fast as possible and write the final profiles.
     Replay {
         /// Event log, JSON Lines (.gz accepted).
@@ -83,12 +87,15 @@ fn main() -> Result<()> {
         // A closed stderr must not panic the thread that logs (it would report with eprintln!).
         .log_internal_errors(false)
         .init();
-    match Cli::parse().command {
-        Command::Run {
+    match Cli::parse()
+        .command
+        .unwrap_or(Command::Run(RunArgs::default()))
+    {
+        Command::Run(RunArgs {
             config,
             workers,
             process,
-        } => {
+        }) => {
             if process != 0 {
                 bail!("--process {process}: this build runs a single process (index 0); cluster mode is not available yet");
             }

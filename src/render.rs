@@ -83,7 +83,8 @@ pub fn profile(
         .window(as_of, SCORE_WINDOW_MS)
         .iter()
         .map(|(k, n)| settings.weight(&names.name(*k)) * *n as f64)
-        .sum::<f64>();
+        // Not `sum()`: an empty f64 sum is -0.0, which JSON would show as `-0.0`.
+        .fold(0.0, |a, b| a + b);
     let mut categories: Vec<CategoryCount> = state
         .categories
         .iter()

@@ -17,9 +17,38 @@ fn now_ms() -> u64 {
 struct Engine {
     child: Child,
     base: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     events: PathBuf,
     dead: PathBuf,
+}
+
+/// Spawns `cmd` and returns it with the base URL from its log line
+/// "persona listening on http://ADDR".
+fn spawn_listening(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let base = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "persona exited before listening"
+        );
+        if let Some(pos) = line.find("listening on http://") {
+            break line[pos + "listening on ".len()..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    (child, base)
 }
 
 impl Engine {
@@ -45,36 +74,13 @@ impl Engine {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_persona"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        // The address is in the start-up log line "persona listening on http://ADDR".
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut base = None;
-        let mut line = String::new();
-        while base.is_none() {
-            line.clear();
-            assert!(
-                stderr.read_line(&mut line).unwrap() > 0,
-                "persona run exited before listening"
-            );
-            if let Some(pos) = line.find("listening on http://") {
-                base = line[pos + "listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_string);
-            }
-        }
-        std::thread::spawn(move || for _ in stderr.lines() {});
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_persona"));
+        cmd.args(["run", "--config"]).arg(&config);
+        let (child, base) = spawn_listening(cmd);
         let engine = Engine {
             child,
-            base: base.unwrap(),
-            _dir: dir,
+            base,
+            _dir: Some(dir),
             events,
             dead,
         };
@@ -297,6 +303,43 @@ fn run_serves_profiles_follows_the_log_and_reports_errors() {
     assert!(s["as_of_ms"].as_u64().unwrap() >= appended_at);
     assert_eq!(engine.get("/healthz").0, 200);
 
+    engine.stop();
+}
+
+/// The out-of-the-box path: `persona` with no arguments, from the repository root, serves the
+/// bundled sample.
+#[test]
+fn no_command_serves_the_bundled_sample() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_persona"));
+    cmd.current_dir(root)
+        .env("PERSONA_HTTP_LISTEN", "127.0.0.1:0")
+        .env(
+            "PERSONA_SOURCE_DEAD_LETTER_PATH",
+            dir.path().join("dead.jsonl"),
+        );
+    let (child, base) = spawn_listening(cmd);
+    let mut engine = Engine {
+        child,
+        base,
+        _dir: Some(dir),
+        events: root.join("data/sample-events.jsonl"),
+        dead: PathBuf::new(),
+    };
+    engine.wait_for(|e| e.get("/readyz").0 == 200, "readiness");
+    let sample = read(&engine.events);
+    let otto0 = sample
+        .lines()
+        .filter(|l| l.contains("\"user_id\":\"otto-0\""))
+        .count();
+    let (status, p, _) = engine.get("/v1/users/otto-0");
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["event_count"].as_u64(), Some(otto0 as u64));
+    assert!(
+        !p["top_categories"].as_array().unwrap().is_empty(),
+        "the bundled catalog is loaded"
+    );
     engine.stop();
 }
 

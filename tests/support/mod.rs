@@ -77,6 +77,11 @@ pub fn assert_profiles_eq(
         assert_eq!(akeys, keys, "{context}: fields of {}", e["user_id"]);
         for k in keys {
             let (x, y) = (&ao[k], &eo[k]);
+            assert!(
+                !x.as_f64().is_some_and(|f| f == 0.0 && f.is_sign_negative()),
+                "{context}: {k} of {} is -0.0",
+                e["user_id"]
+            );
             let same = match (x.as_f64(), y.as_f64()) {
                 (Some(p), Some(q)) if k == "total_spend" || k == "engagement_score" => {
                     (p - q).abs() <= 1e-9 * q.abs().max(1.0)

@@ -279,7 +279,10 @@ fn profile(user: &str, evs: &[Ev], cat: &HashMap<String, String>, now: u64) -> V
         .iter()
         .find(|s| s.0 <= last && last <= s.1)
         .unwrap();
-    let score: f64 = week.iter().map(|(k, n)| weight(k) * *n as f64).sum();
+    let score: f64 = week
+        .iter()
+        .map(|(k, n)| weight(k) * *n as f64)
+        .fold(0.0, |a, b| a + b);
     json!({
         "user_id": user, "as_of_ms": now, "first_seen_ms": first, "last_seen_ms": last,
         "event_count": evs.len(), "counts": counts, "windows": windows,
