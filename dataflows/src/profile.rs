@@ -13,7 +13,7 @@ use crate::basics::{self, Basics};
 use crate::event::{route_hash, Device, Event, NameOrder, Time, UserKey};
 use crate::{categories, counts, dedup, windows};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::trace::cursor::{cursor_list, Cursor};
+use differential_dataflow::trace::cursor::{cursor_list, Cursor, CursorList, Navigable};
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::trace::TraceReader;
 use differential_dataflow::AsCollection;
@@ -177,71 +177,81 @@ impl ProfileTraces {
         Ok((a, b))
     }
 
+    /// Cursors over both arrangements through their current uppers.
+    fn cursors(
+        &mut self,
+        upper_b: &Antichain<Time>,
+        upper_f: &Antichain<Time>,
+    ) -> (Cursors<BasicsTrace>, Cursors<FeatureTrace>) {
+        let b = self
+            .basics
+            .batches_through(upper_b.borrow())
+            .expect("reads go through the current upper");
+        let f = self
+            .features
+            .batches_through(upper_f.borrow())
+            .expect("reads go through the current upper");
+        (cursor_list(b), cursor_list(f))
+    }
+
     /// The profile state of `user` at `as_of`; `Ok(None)` if the user has no events then.
     pub fn read_user(&mut self, user: u64, as_of: Time) -> Result<Option<ProfileState>, ReadError> {
         let (upper_b, upper_f) = self.check(as_of)?;
-        let key = UserKey(user);
-        let mut state = ProfileState::default();
-        let (mut cursor, storage) = cursor_list(
-            self.basics
-                .batches_through(upper_b.borrow())
-                .expect("reads go through the current upper"),
-        );
-        cursor.seek_key(&storage, &key);
-        if cursor.get_key(&storage) == Some(&key) {
-            while let Some(val) = cursor.get_val(&storage) {
-                if accumulate(&mut cursor, &storage, as_of) > 0 {
-                    state.basics = Some(*val);
-                }
-                cursor.step_val(&storage);
-            }
-        }
-        if state.basics.is_none() {
-            return Ok(None);
-        }
-        let (mut cursor, storage) = cursor_list(
-            self.features
-                .batches_through(upper_f.borrow())
-                .expect("reads go through the current upper"),
-        );
-        cursor.seek_key(&storage, &key);
-        if cursor.get_key(&storage) == Some(&key) {
-            while let Some(val) = cursor.get_val(&storage) {
-                let n = accumulate(&mut cursor, &storage, as_of);
-                state.add(val, n);
-                cursor.step_val(&storage);
-            }
-        }
-        state.devices.sort();
-        Ok(Some(state))
+        let (mut b, mut f) = self.cursors(&upper_b, &upper_f);
+        Ok(state_of(&mut b, &mut f, UserKey(user), as_of))
     }
 
-    /// Every user's profile state at `as_of` on this worker, in key order.
+    /// Every user's profile state at `as_of` on this worker, in key order: one pass over both
+    /// arrangements, the features cursor only ever seeking forward.
     pub fn read_all(&mut self, as_of: Time) -> Result<Vec<(u64, ProfileState)>, ReadError> {
-        self.check(as_of)?;
-        let mut users = Vec::new();
-        {
-            let mut upper = Antichain::new();
-            self.basics.read_upper(&mut upper);
-            let (mut cursor, storage) = cursor_list(
-                self.basics
-                    .batches_through(upper.borrow())
-                    .expect("reads go through the current upper"),
-            );
-            while let Some(key) = cursor.get_key(&storage) {
-                let user = key.0;
-                cursor.step_key(&storage);
-                users.push(user);
+        let (upper_b, upper_f) = self.check(as_of)?;
+        let (mut b, mut f) = self.cursors(&upper_b, &upper_f);
+        let mut out = Vec::new();
+        while let Some(key) = b.0.get_key(&b.1).copied() {
+            if let Some(state) = state_of(&mut b, &mut f, key, as_of) {
+                out.push((key.0, state));
             }
-        }
-        let mut out = Vec::with_capacity(users.len());
-        for user in users {
-            if let Some(state) = self.read_user(user, as_of)? {
-                out.push((user, state));
-            }
+            b.0.step_key(&b.1);
         }
         Ok(out)
     }
+}
+
+/// A cursor over a trace's batches, with the batches it reads.
+type Cursors<Tr> = (
+    CursorList<<<Tr as TraceReader>::Batch as Navigable>::Cursor>,
+    Vec<<Tr as TraceReader>::Batch>,
+);
+
+/// Seeks both cursors (forward) to `key` and accumulates its values at `as_of`.
+fn state_of(
+    b: &mut Cursors<BasicsTrace>,
+    f: &mut Cursors<FeatureTrace>,
+    key: UserKey,
+    as_of: Time,
+) -> Option<ProfileState> {
+    let mut state = ProfileState::default();
+    b.0.seek_key(&b.1, &key);
+    if b.0.get_key(&b.1) == Some(&key) {
+        b.0.rewind_vals(&b.1);
+        while let Some(val) = b.0.get_val(&b.1) {
+            if accumulate(&mut b.0, &b.1, as_of) > 0 {
+                state.basics = Some(*val);
+            }
+            b.0.step_val(&b.1);
+        }
+    }
+    state.basics?;
+    f.0.seek_key(&f.1, &key);
+    if f.0.get_key(&f.1) == Some(&key) {
+        while let Some(val) = f.0.get_val(&f.1) {
+            let n = accumulate(&mut f.0, &f.1, as_of);
+            state.add(val, n);
+            f.0.step_val(&f.1);
+        }
+    }
+    state.devices.sort();
+    Some(state)
 }
 
 /// The accumulated multiplicity of the cursor's current value at `as_of`.
