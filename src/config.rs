@@ -250,7 +250,12 @@ impl Settings {
             max_future_skew_ms: duration_ms("engine.max_future_skew", &e.max_future_skew)?,
             dedup_horizon_ms: duration_ms("engine.dedup_horizon", &e.dedup_horizon)?,
             default_weight: e.default_weight,
-            weights: e.weights.clone(),
+            // Configured weights override the defaults one by one, not as a whole table.
+            weights: EngineConfig::default()
+                .weights
+                .into_iter()
+                .chain(e.weights.clone())
+                .collect(),
             source: config.source.clone(),
             listen: config.http.listen.clone(),
         })
@@ -321,6 +326,22 @@ mod tests {
         std::fs::write(&path, "[engine]\nwindowz = []\n").unwrap();
         let err = Config::load(Some(&path), Vec::new()).unwrap_err();
         assert!(format!("{err:#}").contains("windowz"), "{err:#}");
+    }
+
+    #[test]
+    fn weights_override_defaults_one_by_one() {
+        let mut c = Config::default();
+        c.engine.weights = [("purchase".to_string(), 30.0), ("fav".to_string(), 3.0)].into();
+        let s = Settings::from_config(&c).unwrap();
+        assert_eq!(
+            (
+                s.weight("purchase"),
+                s.weight("fav"),
+                s.weight("product_view"),
+                s.weight("other")
+            ),
+            (30.0, 3.0, 2.0, 1.0)
+        );
     }
 
     #[test]
