@@ -29,7 +29,11 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 type Reply = Response<Full<Bytes>>;
 
 fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    json_bytes(status, body.to_string().into_bytes())
+}
+
+fn json_bytes(status: StatusCode, body: Vec<u8>) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -197,10 +201,8 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
             &shared.settings,
         ) {
             Some(p) => {
-                let mut r = json_reply(
-                    StatusCode::OK,
-                    &serde_json::to_value(&p).unwrap_or_default(),
-                );
+                // Serialized from the struct, so fields keep SPEC §4's order.
+                let mut r = json_bytes(StatusCode::OK, serde_json::to_vec(&p).unwrap_or_default());
                 r.headers_mut()
                     .insert("x-persona-worker", HeaderValue::from(worker as u64));
                 r
