@@ -17,7 +17,8 @@
 use crate::event::{Event, Time, UserKey};
 use crate::profile::Feature;
 use differential_dataflow::{AsCollection, VecCollection};
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -51,7 +52,8 @@ pub fn release_when_due<'s, D: differential_dataflow::Data>(
     updates
         .inner
         .unary_frontier(Pipeline, "ReleaseWhenDue", |_cap, _info| {
-            let mut stash: BTreeMap<Time, Vec<(D, isize)>> = BTreeMap::new();
+            // One heap, not a map of vectors: most pending times are distinct milliseconds.
+            let mut stash: BinaryHeap<Reverse<(Time, D, isize)>> = BinaryHeap::new();
             let mut held: Option<Capability<Time>> = None;
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
@@ -62,35 +64,31 @@ pub fn release_when_due<'s, D: differential_dataflow::Data>(
                         if t <= now {
                             session.give((d, t, r));
                         } else {
-                            stash.entry(t).or_default().push((d, r));
+                            stash.push(Reverse((t, d, r)));
                             if held.as_ref().is_none_or(|h| t < *h.time()) {
                                 held = Some(cap.delayed(&t, 0));
                             }
                         }
                     }
                 });
-                // Release every stashed time the frontier has reached, in one message at the
-                // earliest of them (each update keeps its own, later or equal, time).
+                // Release every stashed update whose time the frontier has reached, in one
+                // message at the earliest of them (each update keeps its own, later or equal, time).
                 let due = |t: &Time| !frontier.frontier().iter().any(|f| f < t);
                 if let Some(h) = held.as_mut() {
-                    if stash.first_key_value().is_some_and(|(t, _)| due(t)) {
+                    if stash.peek().is_some_and(|Reverse((t, _, _))| due(t)) {
                         let mut session = output.session(&*h);
-                        while let Some(entry) = stash.first_entry() {
-                            let t = *entry.key();
-                            if !due(&t) {
-                                break;
-                            }
-                            for (d, r) in entry.remove() {
+                        while stash.peek().is_some_and(|Reverse((t, _, _))| due(t)) {
+                            if let Some(Reverse((t, d, r))) = stash.pop() {
                                 session.give((d, t, r));
                             }
                         }
                     }
                 }
-                match stash.keys().next() {
-                    Some(&next) => {
+                match stash.peek() {
+                    Some(Reverse((next, _, _))) => {
                         if let Some(h) = held.as_mut() {
-                            if *h.time() < next {
-                                h.downgrade(&next);
+                            if h.time() < next {
+                                h.downgrade(next);
                             }
                         }
                     }
