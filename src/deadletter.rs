@@ -36,10 +36,6 @@ impl DeadLetters {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Records one rejected line. A failure to write is logged, never fatal to the engine.
     pub fn reject(&self, rejection: &Rejection, source: &str, raw: &[u8]) {
         self.metrics.dead_letter(rejection.reason);

@@ -54,10 +54,6 @@ impl Router {
         }
     }
 
-    pub fn workers(&self) -> usize {
-        self.senders.len()
-    }
-
     /// Called once by each worker: takes its queue and registers its thread for wake-ups.
     pub fn attach(&self, worker: usize) -> Receiver<Query> {
         let _ = self.threads[worker].set(std::thread::current());

@@ -73,10 +73,6 @@ impl LineSource {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Bytes consumed so far.
     pub fn offset(&self) -> u64 {
         self.offset

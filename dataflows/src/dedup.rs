@@ -18,7 +18,6 @@
 use crate::event::{Event, PendingByTime, Time};
 use differential_dataflow::{AsCollection, VecCollection};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -29,29 +28,6 @@ pub trait DedupObserver: Send + Sync {
     fn accepted(&self);
     /// A copy of a known id was dropped or replaced the kept event; `conflicting` if it differed.
     fn duplicate(&self, conflicting: bool);
-}
-
-/// A [`DedupObserver`] that just counts.
-#[derive(Debug, Default)]
-pub struct DedupStats {
-    /// Distinct event ids accepted.
-    pub accepted: AtomicU64,
-    /// Copies that were dropped (identical or conflicting).
-    pub duplicates: AtomicU64,
-    /// Of those, copies whose content differed from the kept event.
-    pub conflicting: AtomicU64,
-}
-
-impl DedupObserver for DedupStats {
-    fn accepted(&self) {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
-    }
-    fn duplicate(&self, conflicting: bool) {
-        self.duplicates.fetch_add(1, Ordering::Relaxed);
-        if conflicting {
-            self.conflicting.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 struct Entry {

@@ -28,6 +28,6 @@ pub mod profile;
 pub mod windows;
 
 pub use basics::Basics;
-pub use dedup::{DedupObserver, DedupStats};
+pub use dedup::DedupObserver;
 pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM};
 pub use profile::{profiles, Feature, ProfileState, ProfileTraces, ReadError, ViewConfig};
