@@ -46,7 +46,7 @@ pub enum Mode {
 }
 
 /// Per-worker progress, for `/v1/status` and readiness.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerStatus {
     /// The worker's input time (its view of the engine clock).
     pub clock: AtomicU64,
@@ -55,8 +55,24 @@ pub struct WorkerStatus {
     pub lines: AtomicU64,
     pub offset: AtomicU64,
     pub file_len: AtomicU64,
-    /// The source's contents at start are read and processed.
+    /// The clock when this worker first reached the end of its source (`u64::MAX`: not yet).
+    pub reached_end_at: AtomicU64,
+    /// The source's contents at start are read and processed, by every worker.
     pub caught_up: AtomicBool,
+}
+
+impl Default for WorkerStatus {
+    fn default() -> Self {
+        WorkerStatus {
+            clock: AtomicU64::new(0),
+            frontier: AtomicU64::new(0),
+            lines: AtomicU64::new(0),
+            offset: AtomicU64::new(0),
+            file_len: AtomicU64::new(0),
+            reached_end_at: AtomicU64::new(u64::MAX),
+            caught_up: AtomicBool::new(false),
+        }
+    }
 }
 
 /// State shared by the workers, the HTTP server and the commands.
@@ -495,13 +511,31 @@ fn run_worker(
             }
         }
         if let Some(t) = catch_up_at {
+            status.reached_end_at.store(t, Ordering::Release);
+        }
+        if !replay && !status.caught_up.load(Ordering::Acquire) {
+            // Caught up once the clock every worker has completed is past the point where the
+            // *last* worker reached its end: a user's lines are spread over all workers' shares.
+            let reached = shared
+                .workers
+                .iter()
+                .map(|w| w.reached_end_at.load(Ordering::Acquire))
+                .max()
+                .unwrap_or(u64::MAX);
+            let done = shared
+                .workers
+                .iter()
+                .map(|w| w.frontier.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(0);
             // Under the event clock the last epoch completes only when newer events move the
-            // clock, so having processed up to the clock at the end of the file is "caught up".
-            let caught_up = match clock_mode {
-                ClockMode::Live => completed > t,
-                ClockMode::Event => completed >= t,
-            };
-            if !replay && caught_up {
+            // clock, so having completed up to it is "caught up" there.
+            let caught_up = reached != u64::MAX
+                && match clock_mode {
+                    ClockMode::Live => done > reached,
+                    ClockMode::Event => done >= reached,
+                };
+            if caught_up {
                 status.caught_up.store(true, Ordering::Release);
             }
         }
