@@ -261,13 +261,13 @@ impl Settings {
         })
     }
 
-    /// Window widths the dataflow maintains: the configured ones plus the score's 7 days.
-    pub fn maintained_windows_ms(&self) -> Vec<u64> {
-        let mut widths: Vec<u64> = self.windows.iter().map(|w| w.width_ms).collect();
-        widths.push(SCORE_WINDOW_MS);
-        widths.sort_unstable();
-        widths.dedup();
-        widths
+    /// The widest window the dataflow must keep events for: the configured ones and the
+    /// score's 7 days.
+    pub fn widest_window_ms(&self) -> u64 {
+        self.windows
+            .iter()
+            .map(|w| w.width_ms)
+            .fold(SCORE_WINDOW_MS, u64::max)
     }
 
     pub fn weight(&self, kind: &str) -> f64 {

@@ -75,6 +75,18 @@ impl Default for WorkerStatus {
     }
 }
 
+impl WorkerStatus {
+    /// Records the clock at which the source was first exhausted (later calls change nothing).
+    fn mark_end(&self, clock: Time) {
+        let _ = self.reached_end_at.compare_exchange(
+            u64::MAX,
+            clock,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
+
 /// State shared by the workers, the HTTP server and the commands.
 pub struct Shared {
     pub settings: Settings,
@@ -324,11 +336,7 @@ fn run_worker(
 
     let view_config = ViewConfig {
         window_retention_ms: {
-            let widest = settings
-                .maintained_windows_ms()
-                .into_iter()
-                .max()
-                .unwrap_or(0);
+            let widest = settings.widest_window_ms();
             // Replay reads its final state at the largest *kept* ts, which a dropped conflicting
             // duplicate can put before the clock: keep records one more window for that read.
             if replay {
@@ -377,7 +385,6 @@ fn run_worker(
     inputs.advance_to(clock);
     let mut pending: Vec<Query> = Vec::new();
     let mut input_done = false;
-    let mut catch_up_at: Option<Time> = None;
     let mut dumped = !replay;
     let mut final_time: Option<Time> = None;
 
@@ -430,16 +437,12 @@ fn run_worker(
                         events.clear();
                     }
                     Next::Wait => {
-                        if catch_up_at.is_none() {
-                            catch_up_at = Some(clock);
-                        }
+                        status.mark_end(clock);
                         break;
                     }
                     Next::End => {
                         input_done = true;
-                        if catch_up_at.is_none() {
-                            catch_up_at = Some(clock);
-                        }
+                        status.mark_end(clock);
                         if replay {
                             shared.inputs_done.fetch_add(1, Ordering::AcqRel);
                         }
@@ -509,9 +512,6 @@ fn run_worker(
             if let Some(c) = shared.clock() {
                 shared.metrics.set_clock(c);
             }
-        }
-        if let Some(t) = catch_up_at {
-            status.reached_end_at.store(t, Ordering::Release);
         }
         if !replay && !status.caught_up.load(Ordering::Acquire) {
             // Caught up once the clock every worker has completed is past the point where the
