@@ -16,6 +16,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub struct Config {
     pub engine: EngineConfig,
     pub source: SourceConfig,
+    pub kafka: KafkaConfig,
     pub http: HttpConfig,
 }
 
@@ -88,6 +89,60 @@ impl Default for SourceConfig {
     }
 }
 
+/// `[kafka]`: used when `source.kind = "kafka"`, and by `persona produce` / `persona record`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    pub events_topic: String,
+    /// Item catalog records; "" for none.
+    pub catalog_topic: String,
+    /// Rejected messages; "" writes them to `source.dead_letter_path` instead.
+    pub dead_letter_topic: String,
+    /// Where reading starts when the engine starts: "earliest" (the whole retained topic) or
+    /// "latest" (only new messages).
+    pub start_offset: String,
+    /// Passed to librdkafka as they are, for every client persona makes (security settings:
+    /// `security.protocol`, `sasl.*`, `ssl.*`; tuning). Values are strings.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            events_topic: "persona-events".into(),
+            catalog_topic: "persona-catalog".into(),
+            dead_letter_topic: "persona-dead-letters".into(),
+            start_offset: "earliest".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where reading starts on a topic's partitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartOffset {
+    Earliest,
+    Latest,
+}
+
+/// Keys whose values are secrets: masked when the configuration is printed.
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "ssl.key",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
@@ -128,13 +183,19 @@ impl Config {
         Ok(config)
     }
 
-    /// The effective configuration as TOML, for the start-up log. (No secrets exist yet.)
+    /// The effective configuration as TOML, for the start-up log, with secrets masked.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
+        let mut shown = self.clone();
+        for (k, v) in shown.kafka.properties.iter_mut() {
+            if is_secret(k) {
+                *v = "***".into();
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print config: {e}"))
     }
 }
 
-const SECTIONS: [&str; 3] = ["engine", "source", "http"];
+const SECTIONS: [&str; 4] = ["engine", "source", "kafka", "http"];
 
 /// `PERSONA_<SECTION>_<KEY>=value`: the value is read as a TOML value (number, bool, array,
 /// inline table), falling back to a plain string.
@@ -192,6 +253,8 @@ pub struct Settings {
     pub default_weight: f64,
     pub weights: BTreeMap<String, f64>,
     pub source: SourceConfig,
+    pub kafka: KafkaConfig,
+    pub start_offset: StartOffset,
     pub listen: String,
 }
 
@@ -237,8 +300,25 @@ impl Settings {
         if !e.default_weight.is_finite() {
             bail!("engine.default_weight must be a finite number");
         }
-        if config.source.kind != "file" {
-            bail!("source.kind = {:?}: only \"file\" is supported by this build (Kafka comes with the Kafka source)", config.source.kind);
+        if !["file", "kafka"].contains(&config.source.kind.as_str()) {
+            bail!(
+                "source.kind = {:?}: expected \"file\" or \"kafka\"",
+                config.source.kind
+            );
+        }
+        let k = &config.kafka;
+        let start_offset = match k.start_offset.as_str() {
+            "earliest" => StartOffset::Earliest,
+            "latest" => StartOffset::Latest,
+            other => bail!("kafka.start_offset = {other:?}: expected \"earliest\" or \"latest\""),
+        };
+        if config.source.kind == "kafka" {
+            if k.brokers.trim().is_empty() {
+                bail!("kafka.brokers is empty (example: \"127.0.0.1:9092\")");
+            }
+            if k.events_topic.trim().is_empty() {
+                bail!("kafka.events_topic is empty");
+            }
         }
         Ok(Settings {
             workers: e.workers,
@@ -257,6 +337,8 @@ impl Settings {
                 .chain(e.weights.clone())
                 .collect(),
             source: config.source.clone(),
+            kafka: config.kafka.clone(),
+            start_offset,
             listen: config.http.listen.clone(),
         })
     }
@@ -342,6 +424,28 @@ mod tests {
             ),
             (30.0, 3.0, 2.0, 1.0)
         );
+    }
+
+    #[test]
+    fn kafka_keys_from_env_and_secrets_masked() {
+        let env = vec![
+            ("PERSONA_SOURCE_KIND".to_string(), "kafka".to_string()),
+            ("PERSONA_KAFKA_EVENTS_TOPIC".to_string(), "ev".to_string()),
+            (
+                "PERSONA_KAFKA_PROPERTIES".to_string(),
+                r#"{ "sasl.password" = "hunter2", "security.protocol" = "sasl_ssl" }"#.to_string(),
+            ),
+        ];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.kafka.events_topic, "ev");
+        let s = Settings::from_config(&c).unwrap();
+        assert_eq!(s.source.kind, "kafka");
+        let printed = c.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("sasl_ssl"), "{printed}");
+        let mut bad = c.clone();
+        bad.kafka.start_offset = "middle".into();
+        assert!(format!("{:#}", Settings::from_config(&bad).unwrap_err()).contains("start_offset"));
     }
 
     #[test]

@@ -1,13 +1,12 @@
-//! The dead-letter sink: every rejected line, with its reason and where it came from, as one
-//! JSON Lines record `{"reason", "detail", "source", "raw"}`. Nothing is dropped silently.
+//! Dead letters: every rejected line or message, with its reason and where it came from, as one
+//! JSON record `{"reason", "detail", "source", "raw"}` to the dead-letter sink (a JSON Lines
+//! file, or a Kafka topic with that file as fallback). Nothing is dropped silently.
 
 use crate::metrics::Metrics;
 use crate::parse::Rejection;
+use crate::sink::Sink;
 use serde::Serialize;
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::time::Duration;
 
 /// How much of a rejected line is kept.
 pub const RAW_PREFIX_BYTES: usize = 4096;
@@ -20,20 +19,14 @@ struct Record<'a> {
     raw: &'a str,
 }
 
-/// A JSON Lines file of dead letters, created on the first one.
 pub struct DeadLetters {
-    path: PathBuf,
-    file: Mutex<Option<BufWriter<File>>>,
+    sink: Sink,
     metrics: Metrics,
 }
 
 impl DeadLetters {
-    pub fn new(path: &Path, metrics: Metrics) -> Self {
-        DeadLetters {
-            path: path.to_path_buf(),
-            file: Mutex::new(None),
-            metrics,
-        }
+    pub fn new(sink: Sink, metrics: Metrics) -> Self {
+        DeadLetters { sink, metrics }
     }
 
     /// Records one rejected line. A failure to write is logged, never fatal to the engine.
@@ -56,31 +49,17 @@ impl DeadLetters {
             source,
             raw: raw.trim_end_matches(['\r', '\n']),
         };
-        let Ok(mut line) = serde_json::to_vec(&record) else {
-            return;
-        };
-        line.push(b'\n');
-        let mut guard = match self.file.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if guard.is_none() {
-            match OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-            {
-                Ok(f) => *guard = Some(BufWriter::new(f)),
-                Err(e) => {
-                    tracing::error!(path = %self.path.display(), "cannot open dead-letter file: {e}");
-                    return;
-                }
-            }
+        if let Ok(line) = serde_json::to_vec(&record) {
+            self.sink.send(None, &line);
         }
-        if let Some(w) = guard.as_mut() {
-            if let Err(e) = w.write_all(&line).and_then(|_| w.flush()) {
-                tracing::error!(path = %self.path.display(), "cannot write dead letter: {e}");
-            }
-        }
+    }
+
+    /// Delivers what is still queued (Kafka) before the process exits.
+    pub fn flush(&self) {
+        self.sink.flush(Duration::from_secs(10));
+    }
+
+    pub fn describe(&self) -> String {
+        self.sink.describe()
     }
 }

@@ -1,8 +1,9 @@
 //! The engine: timely workers that read sources, drive the engine clock, maintain the views
 //! and answer queries between steps.
 //!
-//! Each worker runs one loop: read a bounded batch of its share of the source lines → parse
-//! and validate (rejects to dead letters) → feed the events input at the current clock →
+//! Each worker runs one loop: read a bounded batch of its share of the source (file lines, or
+//! the Kafka partitions it owns) → parse and validate (rejects to dead letters) → feed the
+//! events input at the current clock →
 //! advance the clock → step the dataflow → answer the queries whose time is complete →
 //! let the profile arrangement compact up to the latest complete time.
 
@@ -12,7 +13,9 @@ use crate::metrics::Metrics;
 use crate::names::Names;
 use crate::parse::{self, Rejection};
 use crate::query::{Answer, Query, Router};
-use crate::source::{LineSource, Next};
+use crate::sink::Sink;
+use crate::source::kafka::{self, PartitionStatus};
+use crate::source::{LineSource, Next, Origin, Stream};
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use differential_dataflow::input::{Input, InputSession};
@@ -20,7 +23,7 @@ use persona_dataflows::{profiles, Event, ProfileState, ProfileTraces, Time, View
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::Probe;
@@ -59,6 +62,8 @@ pub struct WorkerStatus {
     pub reached_end_at: AtomicU64,
     /// The source's contents at start are read and processed, by every worker.
     pub caught_up: AtomicBool,
+    /// Kafka: the partitions this worker reads and the positions its state reflects.
+    pub partitions: Mutex<Vec<PartitionStatus>>,
 }
 
 impl Default for WorkerStatus {
@@ -71,6 +76,7 @@ impl Default for WorkerStatus {
             file_len: AtomicU64::new(0),
             reached_end_at: AtomicU64::new(u64::MAX),
             caught_up: AtomicBool::new(false),
+            partitions: Mutex::new(Vec::new()),
         }
     }
 }
@@ -96,6 +102,8 @@ pub struct Shared {
     pub router: Router,
     pub workers: Vec<WorkerStatus>,
     pub source_path: PathBuf,
+    /// The Kafka source's monitor, when the source is Kafka.
+    pub kafka: Option<Arc<kafka::Monitor>>,
     pub stop: AtomicBool,
     /// Largest valid `ts` parsed by any worker.
     pub max_ts: AtomicU64,
@@ -105,11 +113,17 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(settings: Settings, source_path: PathBuf, dead_letter_path: PathBuf) -> Arc<Shared> {
+    pub fn new(
+        settings: Settings,
+        source_path: PathBuf,
+        dead_letters: Sink,
+        kafka: Option<Arc<kafka::Monitor>>,
+    ) -> Arc<Shared> {
         let metrics = Metrics::new();
         let workers = settings.workers;
         Arc::new(Shared {
-            dead: DeadLetters::new(&dead_letter_path, metrics.clone()),
+            dead: DeadLetters::new(dead_letters, metrics.clone()),
+            kafka,
             metrics,
             names: Names::default(),
             router: Router::new(workers),
@@ -141,6 +155,9 @@ impl Shared {
     /// Asks every worker to stop.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
+        if let Some(k) = &self.kafka {
+            k.stop();
+        }
         self.router.wake_all();
     }
 
@@ -223,18 +240,69 @@ impl Inputs {
     }
 }
 
-/// Reads the catalog file and turns records into upserts of `(item, category)`.
-struct CatalogReader {
-    source: LineSource,
+/// The catalog as upserts of `(item, category)`: the current category of every item seen, so a
+/// change retracts the old pair.
+#[derive(Default)]
+struct Catalog {
     current: HashMap<u64, u64>,
+}
+
+impl Catalog {
+    fn record(
+        &mut self,
+        raw: &[u8],
+        origin: Origin<'_>,
+        input: &mut InputSession<Time, (u64, u64), isize>,
+        shared: &Shared,
+    ) {
+        match parse::parse_catalog(raw, &shared.names) {
+            Ok(rec) => {
+                shared.metrics.catalog_record();
+                let new = if rec.deleted { None } else { rec.category };
+                let old = self.current.get(&rec.item).copied();
+                if old != new {
+                    if let Some(c) = old {
+                        input.update((rec.item, c), -1);
+                        self.current.remove(&rec.item);
+                    }
+                    if let Some(c) = new {
+                        input.update((rec.item, c), 1);
+                        self.current.insert(rec.item, c);
+                    }
+                }
+            }
+            Err(r) => shared.dead.reject(&r, &origin.to_string(), raw),
+        }
+    }
+}
+
+/// Parses one event record into `batch`, or rejects it.
+fn event_record(
+    raw: &[u8],
+    origin: Origin<'_>,
+    max_ts: Option<u64>,
+    batch: &mut Vec<Event>,
+    shared: &Shared,
+) {
+    shared.metrics.event_read();
+    match parse::parse_event(raw, &shared.names, max_ts) {
+        Ok(event) => batch.push(event),
+        Err(r) => shared.dead.reject(&r, &origin.to_string(), raw),
+    }
+}
+
+/// A catalog file, read by worker 0.
+struct CatalogFile {
+    source: LineSource,
     label: String,
 }
 
-impl CatalogReader {
+impl CatalogFile {
     /// Reads up to `budget` records; returns whether the file is (for now) exhausted.
     fn read(
         &mut self,
         budget: usize,
+        catalog: &mut Catalog,
         input: &mut InputSession<Time, (u64, u64), isize>,
         shared: &Shared,
     ) -> Result<bool> {
@@ -243,32 +311,16 @@ impl CatalogReader {
                 Next::Line { number, oversize } => {
                     let line = self.source.line();
                     if !line.iter().all(u8::is_ascii_whitespace) {
-                        let parsed = if oversize {
-                            Err(oversize_rejection())
-                        } else {
-                            parse::parse_catalog(line, &shared.names)
+                        let origin = Origin::Line {
+                            path: &self.label,
+                            number,
                         };
-                        match parsed {
-                            Ok(rec) => {
-                                shared.metrics.catalog_record();
-                                let new = if rec.deleted { None } else { rec.category };
-                                let old = self.current.get(&rec.item).copied();
-                                if old != new {
-                                    if let Some(c) = old {
-                                        input.update((rec.item, c), -1);
-                                        self.current.remove(&rec.item);
-                                    }
-                                    if let Some(c) = new {
-                                        input.update((rec.item, c), 1);
-                                        self.current.insert(rec.item, c);
-                                    }
-                                }
-                            }
-                            Err(r) => {
-                                shared
-                                    .dead
-                                    .reject(&r, &format!("{}:{number}", self.label), line)
-                            }
+                        if oversize {
+                            shared
+                                .dead
+                                .reject(&oversize_rejection(), &origin.to_string(), line);
+                        } else {
+                            catalog.record(line, origin, input, shared);
                         }
                     }
                     self.source.clear();
@@ -278,6 +330,16 @@ impl CatalogReader {
         }
         Ok(false)
     }
+}
+
+/// Where a worker's records come from.
+enum Feed {
+    File {
+        events: LineSource,
+        label: String,
+        catalog: Option<CatalogFile>,
+    },
+    Kafka(kafka::Reader),
 }
 
 fn oversize_rejection() -> Rejection {
@@ -323,16 +385,31 @@ fn run_worker(
             )
         }
     };
-    let mut events = LineSource::open(&events_path, follow, index, peers)?;
-    let events_label = events_path.display().to_string();
-    let mut catalog = match (&catalog_path, index) {
-        (Some(path), 0) => Some(CatalogReader {
-            source: LineSource::open(path, follow, 0, 1)?,
-            current: HashMap::new(),
-            label: path.display().to_string(),
-        }),
-        _ => None,
+    let mut feed = if matches!(mode, Mode::Run) && settings.source.kind == "kafka" {
+        let monitor = shared
+            .kafka
+            .clone()
+            .ok_or_else(|| anyhow!("the Kafka source has no monitor"))?;
+        Feed::Kafka(kafka::Reader::new(
+            monitor,
+            index,
+            peers,
+            settings.start_offset,
+        ))
+    } else {
+        Feed::File {
+            events: LineSource::open(&events_path, follow, index, peers)?,
+            label: events_path.display().to_string(),
+            catalog: match (&catalog_path, index) {
+                (Some(path), 0) => Some(CatalogFile {
+                    source: LineSource::open(path, follow, 0, 1)?,
+                    label: path.display().to_string(),
+                }),
+                _ => None,
+            },
+        }
     };
+    let mut catalog = Catalog::default();
 
     let view_config = ViewConfig {
         window_retention_ms: {
@@ -384,14 +461,18 @@ fn run_worker(
     };
     inputs.advance_to(clock);
     let mut pending: Vec<Query> = Vec::new();
+    let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
     let mut input_done = false;
     let mut dumped = !replay;
     let mut final_time: Option<Time> = None;
 
     // Replay reads the whole catalog before the events (it applies retroactively either way).
     if replay {
-        if let Some(c) = catalog.as_mut() {
-            while !c.read(batch_lines, &mut inputs.catalog, shared)? {}
+        if let Feed::File {
+            catalog: Some(c), ..
+        } = &mut feed
+        {
+            while !c.read(batch_lines, &mut catalog, &mut inputs.catalog, shared)? {}
         }
     }
 
@@ -399,62 +480,98 @@ fn run_worker(
         if shared.stopping() {
             break;
         }
-        // 1. Read a bounded batch of this worker's lines.
+        // 1. Read a bounded batch of this worker's records.
         let mut read = 0usize;
         if !input_done {
-            if let Some(c) = catalog.as_mut() {
-                c.read(batch_lines, &mut inputs.catalog, shared)?;
-            }
             let max_ts = match clock_mode {
                 ClockMode::Live => Some(wall_ms().saturating_add(settings.max_future_skew_ms)),
                 ClockMode::Event => None,
             };
-            let mut local_max = 0u64;
-            while read < batch_lines {
-                match events.next_line()? {
-                    Next::Line { number, oversize } => {
-                        read += 1;
-                        let line = events.line();
-                        if !line.iter().all(u8::is_ascii_whitespace) {
-                            shared.metrics.event_read();
-                            let parsed = if oversize {
-                                Err(oversize_rejection())
-                            } else {
-                                parse::parse_event(line, &shared.names, max_ts)
-                            };
-                            match parsed {
-                                Ok(event) => {
-                                    local_max = local_max.max(event.ts);
-                                    inputs.events.update(event, 1);
+            match &mut feed {
+                Feed::File {
+                    events,
+                    label,
+                    catalog: catalog_file,
+                } => {
+                    if let Some(c) = catalog_file.as_mut() {
+                        c.read(batch_lines, &mut catalog, &mut inputs.catalog, shared)?;
+                    }
+                    while read < batch_lines {
+                        match events.next_line()? {
+                            Next::Line { number, oversize } => {
+                                read += 1;
+                                let line = events.line();
+                                if !line.iter().all(u8::is_ascii_whitespace) {
+                                    let origin = Origin::Line {
+                                        path: label,
+                                        number,
+                                    };
+                                    if oversize {
+                                        shared.metrics.event_read();
+                                        shared.dead.reject(
+                                            &oversize_rejection(),
+                                            &origin.to_string(),
+                                            line,
+                                        );
+                                    } else {
+                                        event_record(line, origin, max_ts, &mut batch, shared);
+                                    }
                                 }
-                                Err(r) => shared.dead.reject(
-                                    &r,
-                                    &format!("{events_label}:{number}"),
-                                    line,
-                                ),
+                                events.clear();
+                            }
+                            Next::Wait => {
+                                status.mark_end(clock);
+                                break;
+                            }
+                            Next::End => {
+                                input_done = true;
+                                status.mark_end(clock);
+                                break;
                             }
                         }
-                        events.clear();
                     }
-                    Next::Wait => {
-                        status.mark_end(clock);
-                        break;
+                    status.lines.store(events.lines(), Ordering::Relaxed);
+                    status.offset.store(events.offset(), Ordering::Relaxed);
+                    if let Some(len) = events.file_len() {
+                        status.file_len.store(len, Ordering::Relaxed);
                     }
-                    Next::End => {
-                        input_done = true;
+                }
+                Feed::Kafka(reader) => {
+                    let outcome =
+                        reader.read(batch_lines, &mut |stream, raw, origin| match stream {
+                            Stream::Events => event_record(raw, origin, max_ts, &mut batch, shared),
+                            Stream::Catalog => {
+                                catalog.record(raw, origin, &mut inputs.catalog, shared)
+                            }
+                        })?;
+                    read = outcome.records;
+                    if outcome.caught_up && read < batch_lines {
                         status.mark_end(clock);
-                        if replay {
-                            shared.inputs_done.fetch_add(1, Ordering::AcqRel);
-                        }
-                        break;
                     }
                 }
             }
-            shared.max_ts.fetch_max(local_max, Ordering::AcqRel);
-            status.lines.store(events.lines(), Ordering::Relaxed);
-            status.offset.store(events.offset(), Ordering::Relaxed);
-            if let Some(len) = events.file_len() {
-                status.file_len.store(len, Ordering::Relaxed);
+            // The batch enters at a clock that has seen it: under the event clock, ids the
+            // de-duplication remembers for a horizon from their entry time are not entered at a
+            // time far behind their own ts (time 0 on a first batch).
+            let local_max = batch.iter().map(|e| e.ts).max().unwrap_or(0);
+            let seen = shared
+                .max_ts
+                .fetch_max(local_max, Ordering::AcqRel)
+                .max(local_max);
+            if clock_mode == ClockMode::Event && final_time.is_none() {
+                clock = clock.max(seen.saturating_sub(settings.allowed_lateness_ms));
+                inputs.advance_to(clock);
+            }
+            for event in batch.drain(..) {
+                inputs.events.update(event, 1);
+            }
+            // Counted only now, after `max_ts` has this batch: the last worker to finish must
+            // find every worker's largest ts there when it sets the replay's final time.
+            if input_done && replay {
+                shared.inputs_done.fetch_add(1, Ordering::AcqRel);
+            }
+            if let Feed::Kafka(reader) = &mut feed {
+                reader.input_at(clock);
             }
         }
 
@@ -508,6 +625,11 @@ fn run_worker(
         let latest = traces.latest();
         let completed = latest.map(|l| l.saturating_add(1)).unwrap_or(0);
         status.frontier.store(completed, Ordering::Release);
+        if let Feed::Kafka(reader) = &mut feed {
+            reader.completed(completed);
+            let partitions = reader.status();
+            *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) = partitions;
+        }
         if index == 0 {
             if let Some(c) = shared.clock() {
                 shared.metrics.set_clock(c);

@@ -245,21 +245,45 @@ fn not_found(user_id: &str, as_of: u64) -> Reply {
 }
 
 fn status(shared: &Arc<Shared>) -> Reply {
-    let sources: Vec<_> = shared
-        .workers
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            let offset = w.offset.load(Ordering::Relaxed);
-            let len = w.file_len.load(Ordering::Relaxed);
-            json!({
-                "kind": "file", "path": shared.source_path.display().to_string(), "worker": i,
-                "lines": w.lines.load(Ordering::Relaxed), "offset_bytes": offset,
-                "file_bytes": len, "lag_bytes": len.saturating_sub(offset),
-                "clock_ms": w.clock.load(Ordering::Relaxed),
+    let sources: Vec<_> = if shared.kafka.is_some() {
+        let mut parts: Vec<_> = shared
+            .workers
+            .iter()
+            .flat_map(|w| {
+                w.partitions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
             })
-        })
-        .collect();
+            .collect();
+        parts.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        parts
+            .into_iter()
+            .map(|p| {
+                json!({
+                    "kind": "kafka", "topic": p.topic, "partition": p.partition, "worker": p.worker,
+                    "position": p.position, "position_as_of_ms": p.as_of_ms, "read_position": p.read_position,
+                    "high_watermark": p.high_watermark, "lag": p.lag,
+                })
+            })
+            .collect()
+    } else {
+        shared
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let offset = w.offset.load(Ordering::Relaxed);
+                let len = w.file_len.load(Ordering::Relaxed);
+                json!({
+                    "kind": "file", "path": shared.source_path.display().to_string(), "worker": i,
+                    "lines": w.lines.load(Ordering::Relaxed), "offset_bytes": offset,
+                    "file_bytes": len, "lag_bytes": len.saturating_sub(offset),
+                    "clock_ms": w.clock.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    };
     let m = &shared.metrics;
     let dead: serde_json::Map<String, serde_json::Value> = m
         .dead_letters()
@@ -291,11 +315,14 @@ fn readyz(shared: &Arc<Shared>) -> Reply {
             &json!({"ready": true, "as_of_ms": shared.clock()}),
         )
     } else {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the engine is still reading its sources' initial contents",
-        )
+        let message = match &shared.kafka {
+            Some(k) if k.layout().is_none() => format!(
+                "waiting for the Kafka brokers at {} or its topics (see the log)",
+                k.brokers()
+            ),
+            _ => "the engine is still reading its sources' initial contents".to_string(),
+        };
+        error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)
     }
 }
 

@@ -1,8 +1,8 @@
 //! persona's I/O shell: configuration, sources, parsing, the engine loop, HTTP and commands.
 //!
 //! ```text
-//! file source ─▶ parse/validate ─▶ (dead letters) ─▶ events input ─▶ views (persona-dataflows)
-//!   (source)       (parse)           (deadletter)      (engine)         ─▶ profile arrangement
+//! file / kafka source ─▶ parse/validate ─▶ (dead letters) ─▶ events input ─▶ views (persona-dataflows)
+//!   (source)                (parse)      (deadletter, sink)    (engine)         ─▶ profile arrangement
 //!                                                                        ◀─ queries (query) ◀─ HTTP (http)
 //! ```
 
@@ -11,6 +11,8 @@ pub mod deadletter;
 pub mod engine;
 pub mod generate;
 pub mod http;
+pub mod kafka_client;
+pub mod kafka_tools;
 pub mod metrics;
 pub mod names;
 pub mod parse;
@@ -19,4 +21,5 @@ pub mod render;
 pub mod replay;
 pub mod run;
 pub mod server;
+pub mod sink;
 pub mod source;

@@ -59,6 +59,23 @@ enum Command {
     },
     /// Write a synthetic event log (and catalog) for benchmarks.
     Generate(persona::generate::Options),
+    /// Send a log's lines to a Kafka topic, keyed and partitioned by user_id.
+    Produce(persona::kafka_tools::ProduceArgs),
+    /// Copy what a Kafka topic holds now to a log file.
+    Record(persona::kafka_tools::RecordArgs),
+}
+
+/// The `[kafka]` section of the config, with `--brokers` applied.
+fn kafka_config(
+    config: Option<&std::path::Path>,
+    brokers: Option<&String>,
+) -> Result<persona::config::KafkaConfig> {
+    let mut config = Config::load(config, std::env::vars())?;
+    if let Some(b) = brokers {
+        config.kafka.brokers = b.clone();
+    }
+    Settings::from_config(&config)?;
+    Ok(config.kafka)
 }
 
 fn settings(config: Option<PathBuf>, workers: Option<usize>, print: bool) -> Result<Settings> {
@@ -124,5 +141,13 @@ fn main() -> Result<()> {
             )
         }
         Command::Generate(o) => persona::generate::generate(&o),
+        Command::Produce(a) => persona::kafka_tools::produce(
+            &kafka_config(a.config.as_deref(), a.brokers.as_ref())?,
+            &a,
+        ),
+        Command::Record(a) => persona::kafka_tools::record(
+            &kafka_config(a.config.as_deref(), a.brokers.as_ref())?,
+            &a,
+        ),
     }
 }

@@ -4,6 +4,7 @@ use crate::config::Settings;
 use crate::engine::{self, Mode, Shared};
 use crate::render::{self, Profile};
 use crate::server::Server;
+use crate::sink::{FileSink, Sink};
 use anyhow::{bail, Context, Result};
 use persona_dataflows::ProfileState;
 use std::io::{BufWriter, Write};
@@ -93,7 +94,12 @@ pub fn replay(
     // log's, not a function of how far apart its copies happen to be.
     settings.dedup_horizon_ms = u64::MAX;
     let workers = settings.workers;
-    let shared = Shared::new(settings, events.to_path_buf(), dead_letters.to_path_buf());
+    let shared = Shared::new(
+        settings,
+        events.to_path_buf(),
+        Sink::File(FileSink::new(dead_letters)),
+        None,
+    );
     let (tx, rx) = crossbeam_channel::unbounded();
     let mode = Mode::Replay {
         events: events.to_path_buf(),

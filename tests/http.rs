@@ -2,10 +2,10 @@
 //! real sockets. Checks the API's answers, errors, read-your-writes and live following.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -14,41 +14,23 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+mod support;
+
+use support::process::{spawn_listening, Process};
+
+/// `persona run` on a followed log in a temporary directory.
 struct Engine {
-    child: Child,
-    base: String,
+    process: Process,
     _dir: Option<tempfile::TempDir>,
     events: PathBuf,
     dead: PathBuf,
 }
 
-/// Spawns `cmd` and returns it with the base URL from its log line
-/// "persona listening on http://ADDR".
-fn spawn_listening(mut cmd: Command) -> (Child, String) {
-    let mut child = cmd
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let base = loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "persona exited before listening"
-        );
-        if let Some(pos) = line.find("listening on http://") {
-            break line[pos + "listening on ".len()..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in stderr.lines() {});
-    (child, base)
+impl std::ops::Deref for Engine {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
 }
 
 impl Engine {
@@ -76,33 +58,14 @@ impl Engine {
         .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_persona"));
         cmd.args(["run", "--config"]).arg(&config);
-        let (child, base) = spawn_listening(cmd);
         let engine = Engine {
-            child,
-            base,
+            process: spawn_listening(cmd),
             _dir: Some(dir),
             events,
             dead,
         };
-        engine.wait_for(|e| e.get("/readyz").0 == 200, "readiness");
+        engine.wait_for(30, "readiness", |e| e.get("/readyz").0 == 200);
         engine
-    }
-
-    fn get(&self, path: &str) -> (u16, Value, Option<String>) {
-        let request = ureq::get(&format!("{}{path}", self.base)).timeout(Duration::from_secs(30));
-        let response = match request.call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("GET {path}: {e}"),
-        };
-        let status = response.status();
-        let worker = response.header("x-persona-worker").map(str::to_string);
-        let body = response.into_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-            worker,
-        )
     }
 
     fn append(&self, lines: &[String]) {
@@ -112,49 +75,6 @@ impl Engine {
             .unwrap();
         for l in lines {
             writeln!(f, "{l}").unwrap();
-        }
-    }
-
-    /// Polls `check` until it holds; fails after a generous deadline (no timing is asserted).
-    fn wait_for(&self, check: impl Fn(&Engine) -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !check(self) {
-            assert!(Instant::now() < deadline, "gave up waiting for {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "persona run exited with {status} after SIGTERM"
-                );
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("persona run did not stop after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Engine {
-    /// A failed assertion must not leave the server running.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
@@ -257,23 +177,21 @@ fn run_serves_profiles_follows_the_log_and_reports_errors() {
     ));
     if status == 404 {
         // The clock passed appended_at before the line was read: poll like a client would.
-        engine.wait_for(|e| e.get("/v1/users/u9").0 == 200, "the appended user");
+        engine.wait_for(30, "the appended user", |e| e.get("/v1/users/u9").0 == 200);
     } else {
         assert_eq!(status, 200, "{p}");
         assert!(p["as_of_ms"].as_u64().unwrap() >= appended_at);
     }
-    engine.wait_for(
-        |e| e.get("/v1/users/u1").1["event_count"] == 3,
-        "the appended event of u1",
-    );
+    engine.wait_for(30, "the appended event of u1", |e| {
+        e.get("/v1/users/u1").1["event_count"] == 3
+    });
     let (_, p, _) = engine.get("/v1/users/u1");
     assert_eq!(p["recent_items"][0], "i9");
 
     // The bad line is a dead letter, counted in metrics and status.
-    engine.wait_for(
-        |_| read(&engine.dead).contains("invalid_json"),
-        "the dead letter",
-    );
+    engine.wait_for(30, "the dead letter", |_| {
+        read(&engine.dead).contains("invalid_json")
+    });
     let dead: Value = serde_json::from_str(read(&engine.dead).lines().next().unwrap()).unwrap();
     assert!(
         dead["source"].as_str().unwrap().ends_with("events.jsonl:7"),
@@ -302,13 +220,12 @@ fn run_serves_profiles_follows_the_log_and_reports_errors() {
     assert_eq!(s["sources"].as_array().unwrap().len(), 2);
     // Status reports the clock every worker has published, which may trail a just-answered
     // query by a tick: poll, don't assert on a clock.
-    engine.wait_for(
-        |e| e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(appended_at),
-        "the status clock",
-    );
+    engine.wait_for(30, "the status clock", |e| {
+        e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(appended_at)
+    });
     assert_eq!(engine.get("/healthz").0, 200);
 
-    engine.stop();
+    engine.process.stop();
 }
 
 /// The out-of-the-box path: `persona` with no arguments, from the repository root, serves the
@@ -324,15 +241,13 @@ fn no_command_serves_the_bundled_sample() {
             "PERSONA_SOURCE_DEAD_LETTER_PATH",
             dir.path().join("dead.jsonl"),
         );
-    let (child, base) = spawn_listening(cmd);
     let mut engine = Engine {
-        child,
-        base,
+        process: spawn_listening(cmd),
         _dir: Some(dir),
         events: root.join("data/sample-events.jsonl"),
         dead: PathBuf::new(),
     };
-    engine.wait_for(|e| e.get("/readyz").0 == 200, "readiness");
+    engine.wait_for(30, "readiness", |e| e.get("/readyz").0 == 200);
     let sample = read(&engine.events);
     let otto0 = sample
         .lines()
@@ -345,7 +260,7 @@ fn no_command_serves_the_bundled_sample() {
         !p["top_categories"].as_array().unwrap().is_empty(),
         "the bundled catalog is loaded"
     );
-    engine.stop();
+    engine.process.stop();
 }
 
 #[test]

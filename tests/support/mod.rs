@@ -1,6 +1,8 @@
 //! Test support: a from-scratch reference implementation of SPEC §2 and §4, and helpers.
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod process;
 pub mod reference;
 
 use persona::config::{ClockMode, Config, Settings};

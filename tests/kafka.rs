@@ -1,0 +1,364 @@
+//! The Kafka path end to end against a real Kafka-protocol broker (tansu, one per test): a log
+//! produced with `persona produce` and read by `persona run` gives exactly the profiles of
+//! `persona replay` of the same log; bad messages reach the dead-letter topic naming their
+//! partition and offset; a broker that is down at start, or killed and restarted mid-stream,
+//! costs neither events nor double counts.
+//!
+//! Comparing at one time: the run uses the event clock with no allowed lateness. Once the
+//! status shows every produced message consumed, a last event of a separate user at `max_ts + 1`
+//! moves the clock so that `max_ts` completes; the run is then read at `as_of_ms = max_ts`, the
+//! time the replay's dump is taken at.
+
+mod support;
+
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use support::broker::Broker;
+use support::process::{spawn_listening, Process};
+
+const PARTITIONS: i32 = 4;
+const EVENTS: &str = "events";
+const CATALOG: &str = "catalog";
+const DEAD: &str = "dead-letters";
+
+fn persona() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_persona"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(
+        path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+}
+
+/// A log with redeliveries, late events, bad lines and the golden log's edge cases; and a
+/// catalog.
+fn make_log(dir: &Path) -> (PathBuf, PathBuf) {
+    let events = dir.join("events.jsonl");
+    let catalog = dir.join("catalog.jsonl");
+    run_ok(
+        persona()
+            .args(["generate", "--out"])
+            .arg(&events)
+            .arg("--catalog")
+            .arg(&catalog)
+            .args([
+                "--events",
+                "3000",
+                "--users",
+                "150",
+                "--items",
+                "300",
+                "--categories",
+                "12",
+                "--span",
+                "6h",
+                "--duplicates",
+                "0.05",
+                "--late",
+                "0.05",
+                "--invalid",
+                "0.01",
+                "--seed",
+                "11",
+            ]),
+    );
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut ev = lines(&events);
+    ev.extend(lines(&data.join("golden-events.jsonl")));
+    write_lines(&events, &ev);
+    let mut cat = lines(&catalog);
+    cat.extend(lines(&data.join("golden-catalog.jsonl")));
+    write_lines(&catalog, &cat);
+    (events, catalog)
+}
+
+const ENGINE: &str = "[engine]\nclock = \"event\"\nallowed_lateness = \"0s\"\ndedup_horizon = \"3650d\"\ntick = \"10ms\"\n";
+
+/// `persona replay` of the log: the as_of, the profiles by user and the dead letters.
+fn replay(dir: &Path, events: &Path, catalog: &Path) -> (u64, BTreeMap<String, Value>, Vec<Value>) {
+    let config = dir.join("replay.toml");
+    std::fs::write(&config, ENGINE).unwrap();
+    let dump = dir.join("replay.jsonl");
+    let dead = dir.join("replay-dead.jsonl");
+    run_ok(
+        persona()
+            .args(["replay", "--events"])
+            .arg(events)
+            .arg("--catalog")
+            .arg(catalog)
+            .arg("--dump")
+            .arg(&dump)
+            .arg("--dead-letters")
+            .arg(&dead)
+            .arg("--config")
+            .arg(&config),
+    );
+    let profiles: BTreeMap<String, Value> = lines(&dump)
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["user_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    let as_of = profiles.values().next().unwrap()["as_of_ms"]
+        .as_u64()
+        .unwrap();
+    let dead = lines(&dead)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (as_of, profiles, dead)
+}
+
+/// `persona run` on the broker's topics with `workers` workers.
+fn start_engine(dir: &Path, brokers: &str, workers: usize) -> Process {
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{ENGINE}workers = {workers}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            dir.join("fallback-dead.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = persona();
+    cmd.args(["run", "--config"]).arg(&config);
+    spawn_listening(cmd)
+}
+
+fn create_topics(broker: &Broker) {
+    broker.create_topic(EVENTS, PARTITIONS);
+    broker.create_topic(CATALOG, 1);
+    broker.create_topic(DEAD, 1);
+}
+
+fn produce(brokers: &str, topic: &str, log: &Path) {
+    let out = run_ok(
+        persona()
+            .args([
+                "produce",
+                "--brokers",
+                brokers,
+                "--topic",
+                topic,
+                "--events",
+            ])
+            .arg(log),
+    );
+    assert!(out.contains("0 failed"), "{out}");
+}
+
+/// Sum of `field` (`read_position`: read from Kafka; `position`: reflected in the state) over
+/// every partition the engine reads.
+fn positions(engine: &Process, field: &str) -> i64 {
+    let (_, status, _) = engine.get("/v1/status");
+    status["sources"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|p| p[field].as_i64()).sum())
+        .unwrap_or(0)
+}
+
+/// Waits until `total` messages are consumed, moves the clock past `max_ts` with a last event of
+/// another user, and checks every profile against the replay at `as_of_ms = max_ts`.
+fn finish_and_compare(
+    dir: &Path,
+    engine: &Process,
+    brokers: &str,
+    total: i64,
+    max_ts: u64,
+    expected: &BTreeMap<String, Value>,
+) {
+    // Under the event clock the newest events complete only when a later ts arrives, so wait
+    // for everything to be read, then send that later event.
+    engine.wait_for(120, "every produced message read", |e| {
+        positions(e, "read_position") == total
+    });
+    let last = dir.join("last.jsonl");
+    write_lines(
+        &last,
+        &[format!(
+            r#"{{"event_id":"zz-last","user_id":"zz-last","type":"page_view","ts":{}}}"#,
+            max_ts + 1
+        )],
+    );
+    produce(brokers, EVENTS, &last);
+    engine.wait_for(60, "the clock to pass max_ts", |e| {
+        e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(max_ts)
+    });
+    engine.wait_for(60, "positions reflected in the state", |e| {
+        positions(e, "position") >= total
+    });
+    let mut actual = Vec::new();
+    for user in expected.keys() {
+        let path = format!(
+            "/v1/users/{}?min_as_of_ms={max_ts}&timeout_ms=10000",
+            utf8_percent_encode(user, NON_ALPHANUMERIC)
+        );
+        let (status, p, _) = engine.get(&path);
+        assert_eq!(status, 200, "{user}: {p}");
+        assert_eq!(p["as_of_ms"].as_u64(), Some(max_ts), "{user}: {p}");
+        actual.push(p);
+    }
+    let expected: Vec<Value> = expected.values().cloned().collect();
+    support::assert_profiles_eq(&actual, &expected, "kafka run vs replay");
+}
+
+fn reasons(dead: &[Value]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for d in dead {
+        *m.entry(d["reason"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    m
+}
+
+fn matches_replay(workers: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (events, catalog) = make_log(dir.path());
+    let (max_ts, expected, replay_dead) = replay(dir.path(), &events, &catalog);
+    let broker = Broker::memory();
+    create_topics(&broker);
+    produce(&broker.addr, CATALOG, &catalog);
+    produce(&broker.addr, EVENTS, &events);
+    let mut engine = start_engine(dir.path(), &broker.addr, workers);
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    let total = (lines(&events).len() + lines(&catalog).len()) as i64;
+    finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);
+
+    // Status: every partition of both topics, each read by one worker, read to its end; the
+    // state reflects all but the last event (its time completes only with a later ts).
+    engine.wait_for(30, "watermarks and lag in the status", |e| {
+        let (_, status, _) = e.get("/v1/status");
+        let sources = status["sources"].as_array().cloned().unwrap_or_default();
+        sources
+            .iter()
+            .all(|p| p["read_position"] == p["high_watermark"])
+            && sources
+                .iter()
+                .filter_map(|p| p["lag"].as_i64())
+                .sum::<i64>()
+                == 1
+    });
+    let (_, status, _) = engine.get("/v1/status");
+    let sources = status["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), PARTITIONS as usize + 1, "{status}");
+    for s in sources {
+        let p = s["partition"].as_i64().unwrap();
+        assert_eq!(s["worker"].as_i64(), Some(p % workers as i64), "{s}");
+    }
+
+    // Dead letters: on the topic, each naming the message it came from, the same rejections as
+    // the replay's.
+    let messages: BTreeMap<(String, i32, i64), Vec<u8>> = [(EVENTS, PARTITIONS), (CATALOG, 1)]
+        .iter()
+        .flat_map(|(t, n)| {
+            broker
+                .read_topic(t, *n)
+                .into_iter()
+                .map(|(p, o, m)| ((t.to_string(), p, o), m))
+        })
+        .collect();
+    let dead: Vec<Value> = broker
+        .read_topic(DEAD, 1)
+        .iter()
+        .map(|(_, _, m)| serde_json::from_slice(m).unwrap())
+        .collect();
+    assert!(!dead.is_empty());
+    assert_eq!(reasons(&dead), reasons(&replay_dead));
+    for d in &dead {
+        let source = d["source"].as_str().unwrap();
+        let parts: Vec<&str> = source.rsplitn(3, '/').collect();
+        let key = (
+            parts[2].to_string(),
+            parts[1].parse().unwrap(),
+            parts[0].parse().unwrap(),
+        );
+        let raw = messages
+            .get(&key)
+            .unwrap_or_else(|| panic!("{source}: no such message"));
+        assert_eq!(d["raw"].as_str().unwrap().as_bytes(), &raw[..], "{d}");
+    }
+    assert!(!dir.path().join("fallback-dead.jsonl").exists());
+    engine.stop();
+}
+
+#[test]
+fn one_worker_matches_replay() {
+    matches_replay(1);
+}
+
+#[test]
+fn three_workers_over_four_partitions_match_replay() {
+    matches_replay(3);
+}
+
+/// The broker is down when the engine starts, then killed and restarted (topics kept on disk)
+/// between two halves of the log; the second half redelivers part of the first.
+#[test]
+fn broker_down_at_start_and_restarted_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (events, catalog) = make_log(dir.path());
+    let (max_ts, expected, _) = replay(dir.path(), &events, &catalog);
+    let all = lines(&events);
+    let (first, second) = all.split_at(all.len() / 2);
+    let mut second = second.to_vec();
+    second.extend_from_slice(&first[first.len() - 200..]); // at-least-once redelivery
+    let (first_log, second_log) = (
+        dir.path().join("first.jsonl"),
+        dir.path().join("second.jsonl"),
+    );
+    write_lines(&first_log, first);
+    write_lines(&second_log, &second);
+
+    let mut broker = Broker::not_started(dir.path());
+    let mut engine = start_engine(dir.path(), &broker.addr, 2);
+    engine.wait_for(30, "the retry log line", |e| {
+        e.log_contains("cannot reach the brokers")
+    });
+    assert_eq!(engine.get("/readyz").0, 503);
+    assert!(engine.alive());
+
+    broker.start();
+    create_topics(&broker);
+    produce(&broker.addr, CATALOG, &catalog);
+    produce(&broker.addr, EVENTS, &first_log);
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    let half = (first.len() + lines(&catalog).len()) as i64;
+    engine.wait_for(60, "the first half read", |e| {
+        positions(e, "read_position") == half
+    });
+
+    broker.kill();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(engine.alive(), "the engine survives the broker's death");
+    broker.start();
+    produce(&broker.addr, EVENTS, &second_log);
+    let total = half + second.len() as i64;
+    finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);
+    engine.stop();
+}
