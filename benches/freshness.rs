@@ -6,10 +6,14 @@
 //! that user with `?min_as_of_ms=<its ts>` until the profile exists. The latency of a probe is
 //! first successful answer − the moment the event was handed to the producer. Figures are
 //! printed, never asserted.
+//!
+//! `--broker-only` measures the floor instead: the same production, read back by a plain
+//! consumer (no engine), every event timed.
 
 use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Parser)]
@@ -33,11 +37,24 @@ struct Args {
     probe_every: u64,
     #[arg(long, default_value_t = 4)]
     probers: usize,
+    /// The producer's linger.ms (batching delay).
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
     #[arg(long, default_value_t = 10_000)]
     users: u64,
+    /// Time produce → plain consumer, without the engine.
+    #[arg(long)]
+    broker_only: bool,
     /// Ignored (cargo bench passes it).
     #[arg(long)]
     bench: bool,
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 fn wall_ms() -> u64 {
@@ -68,14 +85,55 @@ fn main() {
     };
     let producer: ThreadedProducer<_> = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
-        .set("linger.ms", "1")
-        .set("queue.buffering.max.messages", "1000000")
+        .set("linger.ms", args.linger_ms.to_string())
+        // Bounded, so that at `--rate max` the producer runs at the broker's pace rather than
+        // filling memory.
+        .set("queue.buffering.max.messages", "20000")
         .create()
         .expect("producer");
     let (probe_tx, probe_rx) = crossbeam_channel::unbounded::<Probe>();
     let (lat_tx, lat_rx) = crossbeam_channel::unbounded::<Option<f64>>();
     let mut probers = Vec::new();
-    for _ in 0..args.probers {
+    if args.broker_only {
+        let tx = lat_tx.clone();
+        let (brokers, topic, partitions) =
+            (args.brokers.clone(), args.topic.clone(), args.partitions);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(1);
+        probers.push(std::thread::spawn(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "freshness-broker-only")
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "10")
+                .create()
+                .expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition_offset(&topic, p as i32, Offset::End)
+                    .expect("partition");
+            }
+            consumer.assign(&tpl).expect("assign");
+            for _ in 0..10 {
+                consumer.poll(Duration::from_millis(50));
+            }
+            let _ = ready_tx.send(());
+            let mut idle = Instant::now();
+            while idle.elapsed() < Duration::from_secs(5) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    idle = Instant::now();
+                    let sent = m
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                        .and_then(|v| v["sent_us"].as_u64());
+                    if let Some(us) = sent {
+                        let _ = tx.send(Some((wall_us().saturating_sub(us)) as f64 / 1e3));
+                    }
+                }
+            }
+        }));
+        let _ = ready_rx.recv();
+    }
+    for _ in 0..if args.broker_only { 0 } else { args.probers } {
         let rx = probe_rx.clone();
         let tx = lat_tx.clone();
         let url = args.url.clone();
@@ -93,7 +151,7 @@ fn main() {
                     match agent.get(&path).call() {
                         Ok(_) => break Some(p.sent.elapsed().as_secs_f64() * 1e3),
                         Err(_) if Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(1))
+                            std::thread::sleep(Duration::from_millis(2))
                         }
                         Err(_) => break None,
                     }
@@ -124,7 +182,8 @@ fn main() {
         let ts = wall_ms();
         let sent_at = Instant::now();
         let payload = format!(
-            r#"{{"event_id":"fr-{run}-{sent}","user_id":"{user}","type":"page_view","ts":{ts}}}"#
+            r#"{{"event_id":"fr-{run}-{sent}","user_id":"{user}","type":"page_view","ts":{ts},"sent_us":{}}}"#,
+            wall_us()
         );
         let partition = persona_dataflows::owner(persona::names::hash(&user), args.partitions);
         loop {
@@ -137,7 +196,7 @@ fn main() {
                 Err(_) => std::thread::sleep(Duration::from_micros(200)),
             }
         }
-        if probe {
+        if probe && !args.broker_only {
             let _ = probe_tx.send(Probe {
                 user,
                 ts,
@@ -162,7 +221,8 @@ fn main() {
     }
     lat.sort_by(f64::total_cmp);
     println!(
-        "rate {:>6} | sent {sent} in {elapsed:.1} s = {:.0} events/s | probes {} (lost {lost}) | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms",
+        "{} | rate {:>6} | sent {sent} in {elapsed:.1} s = {:.0} events/s | timed {} (lost {lost}) | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms",
+        if args.broker_only { "broker only" } else { "persona    " },
         args.rate,
         sent as f64 / elapsed,
         lat.len(),

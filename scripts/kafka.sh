@@ -8,7 +8,8 @@
 #
 # Environment: KAFKA_ADDR, KAFKA_STORAGE ("sqlite" (default: topics survive a broker restart,
 # in $KAFKA_DIR/tansu.db) or "memory"), KAFKA_DIR (default target/kafka: log, pid, database),
-# KAFKA_PARTITIONS (events topic partitions, default 4), TANSU (the binary).
+# KAFKA_PARTITIONS (events topic partitions, default 4), TANSU (the binary), KAFKA_INSTALL_FAST=1
+# (install: a quicker, less optimised build, as CI does).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,8 +31,14 @@ install() {
     return
   fi
   echo "building tansu $TANSU_VERSION from crates.io (once; about 15 minutes on 2 cores)..."
+  local profile=()
+  if [[ -n "${KAFKA_INSTALL_FAST:-}" ]]; then
+    # For tests only (CI): an unoptimised build without debug info; quicker to build, slower.
+    profile=(--debug)
+    export CARGO_PROFILE_DEV_DEBUG=0
+  fi
   # The default build has no storage engine: dynostore gives memory://, libsql gives sqlite://.
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql "${profile[@]}"
 }
 
 pid_alive() { [[ -f "$DIR/tansu.pid" ]] && kill -0 "$(cat "$DIR/tansu.pid")" 2>/dev/null; }
@@ -107,7 +114,7 @@ status() {
   if pid_alive; then echo "tansu running (pid $(cat "$DIR/tansu.pid")) on $ADDR"; else echo "tansu is not running"; exit 1; fi
 }
 
-[[ $# -gt 0 ]] || { sed -n '2,11p' "$0"; exit 2; }
+[[ $# -gt 0 ]] || { sed -n '2,12p' "$0"; exit 2; }
 while [[ $# -gt 0 ]]; do
   cmd=$1; shift
   case "$cmd" in

@@ -222,21 +222,31 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The worker's inputs; `None` once closed.
 struct Inputs {
-    events: InputSession<Time, Event, isize>,
-    catalog: InputSession<Time, (u64, u64), isize>,
+    events: Option<InputSession<Time, Event, isize>>,
+    catalog: Option<InputSession<Time, (u64, u64), isize>>,
 }
 
 impl Inputs {
     fn advance_to(&mut self, t: Time) {
-        if t > *self.events.time() {
-            self.events.advance_to(t);
-            self.catalog.advance_to(t);
+        if let (Some(e), Some(c)) = (self.events.as_mut(), self.catalog.as_mut()) {
+            if t > *e.time() {
+                e.advance_to(t);
+                c.advance_to(t);
+            }
         }
     }
     fn flush(&mut self) {
-        self.events.flush();
-        self.catalog.flush();
+        if let (Some(e), Some(c)) = (self.events.as_mut(), self.catalog.as_mut()) {
+            e.flush();
+            c.flush();
+        }
+    }
+    /// Releases the inputs' capabilities: the engine clock no longer waits for this worker.
+    fn close(&mut self) {
+        self.events = None;
+        self.catalog = None;
     }
 }
 
@@ -438,8 +448,8 @@ fn run_worker(
             features.stream.clone().probe_with(&probe);
             (
                 Inputs {
-                    events: events_in,
-                    catalog: catalog_in,
+                    events: Some(events_in),
+                    catalog: Some(catalog_in),
                 },
                 ProfileTraces {
                     basics: basics.trace,
@@ -472,7 +482,9 @@ fn run_worker(
             catalog: Some(c), ..
         } = &mut feed
         {
-            while !c.read(batch_lines, &mut catalog, &mut inputs.catalog, shared)? {}
+            if let Some(input) = inputs.catalog.as_mut() {
+                while !c.read(batch_lines, &mut catalog, input, shared)? {}
+            }
         }
     }
 
@@ -493,8 +505,9 @@ fn run_worker(
                     label,
                     catalog: catalog_file,
                 } => {
-                    if let Some(c) = catalog_file.as_mut() {
-                        c.read(batch_lines, &mut catalog, &mut inputs.catalog, shared)?;
+                    if let (Some(c), Some(input)) = (catalog_file.as_mut(), inputs.catalog.as_mut())
+                    {
+                        c.read(batch_lines, &mut catalog, input, shared)?;
                     }
                     while read < batch_lines {
                         match events.next_line()? {
@@ -541,12 +554,21 @@ fn run_worker(
                         reader.read(batch_lines, &mut |stream, raw, origin| match stream {
                             Stream::Events => event_record(raw, origin, max_ts, &mut batch, shared),
                             Stream::Catalog => {
-                                catalog.record(raw, origin, &mut inputs.catalog, shared)
+                                if let Some(input) = inputs.catalog.as_mut() {
+                                    catalog.record(raw, origin, input, shared)
+                                }
                             }
                         })?;
                     read = outcome.records;
                     if outcome.caught_up && read < batch_lines {
                         status.mark_end(clock);
+                    }
+                    if reader.reads_nothing() && inputs.events.is_some() {
+                        tracing::info!(
+                            worker = index,
+                            "kafka: no partition to read; this worker's input is closed"
+                        );
+                        inputs.close();
                     }
                 }
             }
@@ -562,8 +584,10 @@ fn run_worker(
                 clock = clock.max(seen.saturating_sub(settings.allowed_lateness_ms));
                 inputs.advance_to(clock);
             }
-            for event in batch.drain(..) {
-                inputs.events.update(event, 1);
+            if let Some(input) = inputs.events.as_mut() {
+                for event in batch.drain(..) {
+                    input.update(event, 1);
+                }
             }
             // Counted only now, after `max_ts` has this batch: the last worker to finish must
             // find every worker's largest ts there when it sets the replay's final time.

@@ -304,6 +304,29 @@ fn matches_replay(workers: usize) {
         assert_eq!(d["raw"].as_str().unwrap().as_bytes(), &raw[..], "{d}");
     }
     assert!(!dir.path().join("fallback-dead.jsonl").exists());
+
+    // `persona record` copies the topic back: the same lines (order across partitions aside),
+    // with the last event.
+    let copy = dir.path().join("recorded.jsonl");
+    let out = run_ok(
+        persona()
+            .args([
+                "record",
+                "--brokers",
+                &broker.addr,
+                "--topic",
+                EVENTS,
+                "--out",
+            ])
+            .arg(&copy),
+    );
+    assert!(out.contains("recorded"), "{out}");
+    let mut recorded = lines(&copy);
+    let mut produced = lines(&events);
+    produced.extend(lines(&dir.path().join("last.jsonl")));
+    recorded.sort();
+    produced.sort();
+    assert_eq!(recorded, produced);
     engine.stop();
 }
 
@@ -361,4 +384,11 @@ fn broker_down_at_start_and_restarted_mid_stream() {
     let total = half + second.len() as i64;
     finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);
     engine.stop();
+}
+
+/// More workers than partitions: worker 4 reads nothing and closes its input, and the clock
+/// still advances.
+#[test]
+fn five_workers_over_four_partitions_match_replay() {
+    matches_replay(5);
 }

@@ -8,7 +8,8 @@
 //! partition also owns the user's state, and the exchange by user stays on that worker.
 //!
 //! Workers never block on Kafka: they poll with a zero timeout, and librdkafka's non-empty
-//! callback wakes a parked worker when messages arrive. Topic layouts and high watermarks come
+//! callback wakes a parked worker when messages arrive. A worker that reads no partition (more
+//! workers than partitions) closes its inputs, so the engine clock never waits for it. Topic layouts and high watermarks come
 //! from a [`Monitor`] thread, which is also what retries (and says so) while the brokers are
 //! unreachable or the topics missing; until it has a layout no worker reads and the engine is
 //! not ready.
@@ -285,6 +286,11 @@ impl Reader {
         }
         self.readers = Some(readers);
         Ok(true)
+    }
+
+    /// Connected, and owns no partition of any topic (more workers than partitions).
+    pub fn reads_nothing(&self) -> bool {
+        self.readers.as_ref().is_some_and(|r| r.is_empty())
     }
 
     /// Hands up to `budget` records to `handle`, without blocking.
