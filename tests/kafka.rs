@@ -304,6 +304,10 @@ fn matches_replay(workers: usize) {
         assert_eq!(d["raw"].as_str().unwrap().as_bytes(), &raw[..], "{d}");
     }
     assert!(!dir.path().join("fallback-dead.jsonl").exists());
+    assert!(
+        !engine.log_contains("PartitionEOF"),
+        "reaching the end of a partition is not a warning"
+    );
 
     // `persona record` copies the topic back: the same lines (order across partitions aside),
     // with the last event.
