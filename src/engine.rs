@@ -33,6 +33,8 @@ use timely::worker::Worker;
 /// small when following a live source so answers stay fresh.
 const REPLAY_BATCH_LINES: usize = 65536;
 const LIVE_BATCH_LINES: usize = 4096;
+/// How often a worker publishes its Kafka partitions' status.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
 
 /// What the engine runs.
 #[derive(Clone, Debug)]
@@ -472,6 +474,9 @@ fn run_worker(
     inputs.advance_to(clock);
     let mut pending: Vec<Query> = Vec::new();
     let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
+    let mut last_status = Instant::now()
+        .checked_sub(STATUS_EVERY)
+        .unwrap_or_else(Instant::now);
     let mut input_done = false;
     let mut dumped = !replay;
     let mut final_time: Option<Time> = None;
@@ -651,8 +656,12 @@ fn run_worker(
         status.frontier.store(completed, Ordering::Release);
         if let Feed::Kafka(reader) = &mut feed {
             reader.completed(completed);
-            let partitions = reader.status();
-            *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) = partitions;
+            // For /v1/status only: a few times a second is enough, not every step.
+            if last_status.elapsed() >= STATUS_EVERY {
+                last_status = Instant::now();
+                let partitions = reader.status();
+                *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) = partitions;
+            }
         }
         if index == 0 {
             if let Some(c) = shared.clock() {

@@ -5,7 +5,7 @@
 //! partition, in log order. Lines without a readable `user_id` are still sent (round-robin, no
 //! key): the engine's validation, not the producer, decides what is a dead letter.
 
-use crate::config::KafkaConfig;
+use crate::config::{Config, KafkaConfig, Settings};
 use crate::kafka_client::{client_config, KafkaContext, Role};
 use crate::names;
 use crate::source::{LineSource, Next};
@@ -82,26 +82,51 @@ impl ProducerContext for Delivery {
     }
 }
 
+/// Which topic on which brokers: the options `produce` and `record` share.
+#[derive(clap::Args, Debug)]
+pub struct Target {
+    /// Topic (default: kafka.events_topic of the config).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Brokers (default: kafka.brokers of the config).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Config file whose [kafka] section applies (default: the embedded one).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl Target {
+    /// The `[kafka]` section with `PERSONA_KAFKA_*` and `--brokers` applied, and the topic.
+    fn resolve(&self) -> Result<(KafkaConfig, String)> {
+        let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
+        if let Some(b) = &self.brokers {
+            config.kafka.brokers = b.clone();
+        }
+        Settings::from_config(&config)?;
+        let topic = self
+            .topic
+            .clone()
+            .unwrap_or(config.kafka.events_topic.clone());
+        Ok((config.kafka, topic))
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ProduceArgs {
     /// Event log (JSON Lines, `.gz` accepted); one message per non-blank line.
     #[arg(long)]
     pub events: PathBuf,
-    /// Topic (default: kafka.events_topic of the config).
-    #[arg(long)]
-    pub topic: Option<String>,
     /// Messages per second (default: as fast as the broker takes them).
     #[arg(long)]
     pub rate: Option<u64>,
-    /// Brokers (default: kafka.brokers of the config).
-    #[arg(long)]
-    pub brokers: Option<String>,
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: Target,
 }
 
-pub fn produce(kafka: &KafkaConfig, args: &ProduceArgs) -> Result<()> {
-    let topic = args.topic.clone().unwrap_or(kafka.events_topic.clone());
+pub fn produce(args: &ProduceArgs) -> Result<()> {
+    let (kafka, topic) = args.target.resolve()?;
+    let kafka = &kafka;
     if args.rate == Some(0) {
         bail!("--rate must be at least 1 message per second");
     }
@@ -182,22 +207,17 @@ fn send(
 
 #[derive(clap::Args, Debug)]
 pub struct RecordArgs {
-    /// Topic (default: kafka.events_topic of the config).
-    #[arg(long)]
-    pub topic: Option<String>,
     /// Output log: one message per line.
     #[arg(long)]
     pub out: PathBuf,
-    /// Brokers (default: kafka.brokers of the config).
-    #[arg(long)]
-    pub brokers: Option<String>,
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: Target,
 }
 
 /// Copies every message the topic holds now (up to each partition's end at start) to a log.
-pub fn record(kafka: &KafkaConfig, args: &RecordArgs) -> Result<()> {
-    let topic = args.topic.clone().unwrap_or(kafka.events_topic.clone());
+pub fn record(args: &RecordArgs) -> Result<()> {
+    let (kafka, topic) = args.target.resolve()?;
+    let kafka = &kafka;
     let partitions = partitions(kafka, &topic)?;
     let group = format!("persona-record-{}", std::process::id());
     let consumer: BaseConsumer<KafkaContext> = client_config(

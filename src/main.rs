@@ -65,19 +65,6 @@ enum Command {
     Record(persona::kafka_tools::RecordArgs),
 }
 
-/// The `[kafka]` section of the config, with `--brokers` applied.
-fn kafka_config(
-    config: Option<&std::path::Path>,
-    brokers: Option<&String>,
-) -> Result<persona::config::KafkaConfig> {
-    let mut config = Config::load(config, std::env::vars())?;
-    if let Some(b) = brokers {
-        config.kafka.brokers = b.clone();
-    }
-    Settings::from_config(&config)?;
-    Ok(config.kafka)
-}
-
 fn settings(config: Option<PathBuf>, workers: Option<usize>, print: bool) -> Result<Settings> {
     let mut config = Config::load(config.as_deref(), std::env::vars())?;
     if let Some(w) = workers {
@@ -141,13 +128,7 @@ fn main() -> Result<()> {
             )
         }
         Command::Generate(o) => persona::generate::generate(&o),
-        Command::Produce(a) => persona::kafka_tools::produce(
-            &kafka_config(a.config.as_deref(), a.brokers.as_ref())?,
-            &a,
-        ),
-        Command::Record(a) => persona::kafka_tools::record(
-            &kafka_config(a.config.as_deref(), a.brokers.as_ref())?,
-            &a,
-        ),
+        Command::Produce(a) => persona::kafka_tools::produce(&a),
+        Command::Record(a) => persona::kafka_tools::record(&a),
     }
 }
