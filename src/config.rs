@@ -4,6 +4,7 @@
 //! [`Settings`] is the validated form the engine runs with (durations in ms, window widths).
 
 use anyhow::{bail, Context, Result};
+use persona_dataflows::{Similarity, Strategy, StrategyKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub struct Config {
     pub source: SourceConfig,
     pub kafka: KafkaConfig,
     pub http: HttpConfig,
+    pub recommendations: RecommendationsConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +145,100 @@ fn is_secret(key: &str) -> bool {
     .any(|s| k.contains(s))
 }
 
+/// `[recommendations]`: item-item recommendations, trending lists and the experiment that
+/// splits users between strategies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecommendationsConfig {
+    pub enabled: bool,
+    /// K: distinct recent items per user that co-occurrence and scoring use.
+    pub recent_items: usize,
+    /// Items touched longer ago than this leave the recent set.
+    pub horizon: String,
+    /// M: neighbours kept per item.
+    pub neighbours: usize,
+    /// "jaccard", "cosine", "lift" or "count".
+    pub similarity: Similarity,
+    /// Pairs seen together by fewer users are ignored.
+    pub min_cooccurrence: u64,
+    /// How often similarities and trending lists are re-ranked in `run` (replay: always).
+    pub refresh: String,
+    /// Trending lists count item events within this window.
+    pub popular_window: String,
+    /// Items kept per trending list (the overall one and one per catalog category).
+    pub popular_size: usize,
+    /// Interaction weight of a type not listed in `weights`.
+    pub default_weight: f64,
+    /// Interaction weight by event type: an item's weight is its strongest in-horizon touch.
+    pub weights: BTreeMap<String, f64>,
+    /// Named strategies that the experiment can assign.
+    pub strategies: BTreeMap<String, StrategyConfig>,
+    /// Strategy name → relative share of users. A user's variant is a hash of the salt and
+    /// the user id, so it is stable across restarts and processes.
+    pub experiment: BTreeMap<String, u32>,
+    pub experiment_salt: String,
+}
+
+impl Default for RecommendationsConfig {
+    fn default() -> Self {
+        let weights = [
+            ("page_view", 1.0),
+            ("product_view", 1.0),
+            ("click", 1.0),
+            ("add_to_cart", 3.0),
+            ("purchase", 5.0),
+        ];
+        RecommendationsConfig {
+            enabled: true,
+            recent_items: 20,
+            horizon: "3650d".into(),
+            neighbours: 20,
+            similarity: Similarity::Jaccard,
+            min_cooccurrence: 1,
+            refresh: "5s".into(),
+            popular_window: "3650d".into(),
+            popular_size: 100,
+            default_weight: 1.0,
+            weights: weights.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            strategies: [
+                ("item_item".to_string(), StrategyConfig::default()),
+                (
+                    "popular".to_string(),
+                    StrategyConfig {
+                        kind: "popular".into(),
+                        ..StrategyConfig::default()
+                    },
+                ),
+            ]
+            .into(),
+            experiment: [("item_item".to_string(), 100)].into(),
+            experiment_salt: "persona".into(),
+        }
+    }
+}
+
+/// `[recommendations.strategies.NAME]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StrategyConfig {
+    /// "item_item" or "popular".
+    pub kind: String,
+    /// Never recommend the user's recent items (purchases are never recommended).
+    pub exclude_seen: bool,
+    /// Candidates in the user's categories score up to `1 + category_boost` times higher.
+    pub category_boost: f64,
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        StrategyConfig {
+            kind: "item_item".into(),
+            exclude_seen: true,
+            category_boost: 0.5,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
@@ -195,7 +291,7 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 4] = ["engine", "source", "kafka", "http"];
+const SECTIONS: [&str; 5] = ["engine", "source", "kafka", "http", "recommendations"];
 
 /// `PERSONA_<SECTION>_<KEY>=value`: the value is read as a TOML value (number, bool, array,
 /// inline table), falling back to a plain string.
@@ -256,6 +352,119 @@ pub struct Settings {
     pub kafka: KafkaConfig,
     pub start_offset: StartOffset,
     pub listen: String,
+    /// `None` when recommendations are off.
+    pub recommendations: Option<RecommendSettings>,
+}
+
+/// Validated `[recommendations]`.
+#[derive(Clone, Debug)]
+pub struct RecommendSettings {
+    pub recent_items: usize,
+    pub horizon_ms: u64,
+    pub neighbours: usize,
+    pub similarity: Similarity,
+    pub min_cooccurrence: u64,
+    pub refresh_ms: u64,
+    pub popular_window_ms: u64,
+    pub popular_size: usize,
+    pub default_weight: f64,
+    pub weights: BTreeMap<String, f64>,
+    pub strategies: BTreeMap<String, Strategy>,
+    /// `(strategy, share)`, shares positive.
+    pub experiment: Vec<(String, u32)>,
+    pub experiment_salt: String,
+}
+
+impl RecommendSettings {
+    fn from_config(r: &RecommendationsConfig) -> Result<RecommendSettings> {
+        if r.recent_items == 0 || r.recent_items > 1000 {
+            bail!("recommendations.recent_items = {} must be between 1 and 1000", r.recent_items);
+        }
+        if r.neighbours == 0 || r.neighbours > 1000 {
+            bail!("recommendations.neighbours = {} must be between 1 and 1000", r.neighbours);
+        }
+        if r.popular_size == 0 || r.popular_size > 10_000 {
+            bail!("recommendations.popular_size = {} must be between 1 and 10000", r.popular_size);
+        }
+        for (name, w) in r.weights.iter().chain([(&"default_weight".to_string(), &r.default_weight)]) {
+            if !(w.is_finite() && *w >= 0.0 && *w <= 1_000_000.0) {
+                bail!("recommendations weight {name} = {w} must be a number between 0 and 1000000");
+            }
+        }
+        let mut strategies = BTreeMap::new();
+        for (name, s) in &r.strategies {
+            let kind = match s.kind.as_str() {
+                "item_item" => StrategyKind::ItemItem,
+                "popular" => StrategyKind::Popular,
+                other => bail!(
+                    "recommendations.strategies.{name}.kind = {other:?}: expected \"item_item\" or \"popular\""
+                ),
+            };
+            if !(s.category_boost.is_finite() && s.category_boost >= 0.0) {
+                bail!("recommendations.strategies.{name}.category_boost must be a number >= 0");
+            }
+            strategies.insert(
+                name.clone(),
+                Strategy {
+                    kind,
+                    exclude_seen: s.exclude_seen,
+                    category_boost: s.category_boost,
+                },
+            );
+        }
+        let mut experiment = Vec::new();
+        for (name, share) in &r.experiment {
+            if !strategies.contains_key(name) {
+                bail!(
+                    "recommendations.experiment names strategy {name:?}, which is not in [recommendations.strategies] (known: {})",
+                    strategies.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            if *share > 0 {
+                experiment.push((name.clone(), *share));
+            }
+        }
+        if experiment.is_empty() {
+            bail!("recommendations.experiment gives no strategy a positive share");
+        }
+        Ok(RecommendSettings {
+            recent_items: r.recent_items,
+            horizon_ms: duration_ms("recommendations.horizon", &r.horizon)?,
+            neighbours: r.neighbours,
+            similarity: r.similarity,
+            min_cooccurrence: r.min_cooccurrence,
+            refresh_ms: duration_ms("recommendations.refresh", &r.refresh)?,
+            popular_window_ms: duration_ms("recommendations.popular_window", &r.popular_window)?,
+            popular_size: r.popular_size,
+            default_weight: r.default_weight,
+            weights: RecommendationsConfig::default()
+                .weights
+                .into_iter()
+                .chain(r.weights.clone())
+                .collect(),
+            strategies,
+            experiment,
+            experiment_salt: r.experiment_salt.clone(),
+        })
+    }
+
+    /// The strategy `user_id` is assigned to: a hash of the salt and the id picks a share.
+    pub fn variant(&self, user_id: &str) -> &str {
+        let total: u64 = self.experiment.iter().map(|(_, s)| u64::from(*s)).sum();
+        let key = format!("{}\u{0}{user_id}", self.experiment_salt);
+        let mut point = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) % total.max(1);
+        for (name, share) in &self.experiment {
+            if point < u64::from(*share) {
+                return name;
+            }
+            point -= u64::from(*share);
+        }
+        &self.experiment[0].0
+    }
+
+    pub fn weight(&self, kind: &str) -> f64 {
+        self.weights.get(kind).copied().unwrap_or(self.default_weight)
+    }
 }
 
 /// Width of the window the engagement score is defined on (SPEC §4).
@@ -340,6 +549,11 @@ impl Settings {
             kafka: config.kafka.clone(),
             start_offset,
             listen: config.http.listen.clone(),
+            recommendations: if config.recommendations.enabled {
+                Some(RecommendSettings::from_config(&config.recommendations)?)
+            } else {
+                None
+            },
         })
     }
 

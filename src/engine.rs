@@ -19,7 +19,11 @@ use crate::source::{LineSource, Next, Origin, Stream};
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use differential_dataflow::input::{Input, InputSession};
-use persona_dataflows::{profiles, Event, ProfileState, ProfileTraces, Time, ViewConfig};
+use crate::query::Ask;
+use persona_dataflows::{
+    profiles, Event, InteractionConfig, PopularConfig, ProfileState, ProfileTraces,
+    RecommendConfig, RecommendTraces, SimilarConfig, Time, ViewConfig,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -439,27 +443,49 @@ fn run_worker(
         purchase_kind: shared.names.intern("purchase"),
         names: shared.names.order(),
     };
+    let recommend_config = settings
+        .recommendations
+        .as_ref()
+        .map(|r| recommend_config(r, shared, replay));
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
-    let (mut inputs, mut traces, probe): (Inputs, ProfileTraces, ProbeHandle<Time>) = worker
-        .dataflow::<Time, _, _>(|scope| {
-            let (events_in, raw) = scope.new_collection::<Event, isize>();
-            let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
-            let (basics, features) = profiles(raw, catalog, &view_config, observer);
-            let (probe, _) = basics.stream.clone().probe();
-            features.stream.clone().probe_with(&probe);
-            (
-                Inputs {
-                    events: Some(events_in),
-                    catalog: Some(catalog_in),
-                },
-                ProfileTraces {
-                    basics: basics.trace,
-                    features: features.trace,
-                },
-                probe,
-            )
+    let (mut inputs, mut traces, mut recommend, probe): (
+        Inputs,
+        ProfileTraces,
+        Option<RecommendTraces>,
+        ProbeHandle<Time>,
+    ) = worker.dataflow::<Time, _, _>(|scope| {
+        let (events_in, raw) = scope.new_collection::<Event, isize>();
+        let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
+        let views = profiles(
+            raw,
+            catalog,
+            &view_config,
+            recommend_config.as_ref(),
+            observer,
+        );
+        let (probe, _) = views.basics.stream.clone().probe();
+        views.features.stream.clone().probe_with(&probe);
+        let recommend = views.recommend.as_ref().map(|r| {
+            r.affinity.stream.clone().probe_with(&probe);
+            r.neighbours.stream.clone().probe_with(&probe);
+            r.popular.stream.clone().probe_with(&probe);
+            r.catalog.stream.clone().probe_with(&probe);
+            r.traces()
         });
+        (
+            Inputs {
+                events: Some(events_in),
+                catalog: Some(catalog_in),
+            },
+            ProfileTraces {
+                basics: views.basics.trace,
+                features: views.features.trace,
+            },
+            recommend,
+            probe,
+        )
+    });
 
     let batch_lines = if replay {
         REPLAY_BATCH_LINES
@@ -651,7 +677,11 @@ fn run_worker(
         }
 
         // 4. Progress, readiness, queries, compaction.
-        let latest = traces.latest();
+        let latest = match (traces.latest(), recommend.as_mut().map(|r| r.latest())) {
+            (a, None) => a,
+            (Some(a), Some(Some(b))) => Some(a.min(b)),
+            (_, Some(_)) => None,
+        };
         let completed = latest.map(|l| l.saturating_add(1)).unwrap_or(0);
         status.frontier.store(completed, Ordering::Release);
         if let Feed::Kafka(reader) = &mut feed {
@@ -714,11 +744,21 @@ fn run_worker(
         }
         pending.extend(queries.try_iter());
         if !pending.is_empty() {
-            answer(&mut traces, latest, &mut pending, index);
+            answer(
+                &mut traces,
+                recommend.as_mut(),
+                latest,
+                &mut pending,
+                index,
+                shared,
+            );
         }
         if let Some(l) = latest {
             // Answers are always given at the latest complete time, so no history is kept.
             traces.compact_to(l);
+            if let Some(r) = recommend.as_mut() {
+                r.compact_to(l);
+            }
         }
     }
 
@@ -727,19 +767,63 @@ fn run_worker(
     }
     // Stop without draining: draining would process every future window retraction first.
     drop(traces);
+    drop(recommend);
     drop(inputs);
     worker.drop_dataflow(dataflow_id);
     Ok(())
 }
 
+/// The recommendation views' configuration, from the settings.
+fn recommend_config(
+    r: &crate::config::RecommendSettings,
+    shared: &Shared,
+    replay: bool,
+) -> RecommendConfig {
+    let names = shared.names.order();
+    let milli = |w: f64| (w * 1000.0).round().clamp(0.0, f64::from(u32::MAX)) as u32;
+    // Replay re-ranks at every time: its result must not depend on where batches fall.
+    let refresh_ms = if replay { 0 } else { r.refresh_ms };
+    RecommendConfig {
+        interactions: InteractionConfig {
+            recent_items: r.recent_items,
+            horizon_ms: r.horizon_ms,
+            weights: Arc::new(
+                r.weights
+                    .iter()
+                    .map(|(kind, w)| (shared.names.intern(kind), milli(*w)))
+                    .collect(),
+            ),
+            default_weight: milli(r.default_weight),
+            purchase_kind: shared.names.intern("purchase"),
+            names: names.clone(),
+        },
+        similar: SimilarConfig {
+            neighbours: r.neighbours,
+            similarity: r.similarity,
+            min_cooccurrence: r.min_cooccurrence,
+            refresh_ms,
+            names: names.clone(),
+        },
+        popular: PopularConfig {
+            window_ms: r.popular_window_ms,
+            size: r.popular_size,
+            refresh_ms,
+            names,
+        },
+    }
+}
+
 /// Answers the queries whose time is complete; keeps the others until their deadline.
 fn answer(
     traces: &mut ProfileTraces,
+    mut recommend: Option<&mut RecommendTraces>,
     latest: Option<Time>,
     pending: &mut Vec<Query>,
     worker: usize,
+    shared: &Shared,
 ) {
     let now = Instant::now();
+    let names = shared.names.order();
     let mut waiting = Vec::new();
     for q in pending.drain(..) {
         if q.reply.is_closed() {
@@ -759,13 +843,38 @@ fn answer(
             continue;
         }
         let as_of = latest.unwrap_or(0);
-        match traces.read_user(q.user, as_of) {
-            Ok(state) => {
-                let _ = q.reply.send(Answer::Profile {
+        let read = match (&q.ask, recommend.as_deref_mut()) {
+            (Ask::Profile, _) => traces.read_user(q.user, as_of).map(|state| Answer::Profile {
+                as_of,
+                worker,
+                state: state.map(Box::new),
+            }),
+            (Ask::Recommend { .. } | Ask::Similar { .. }, None) => Ok(Answer::Disabled),
+            (Ask::Recommend { strategy, limit }, Some(r)) => traces
+                .read_user(q.user, as_of)
+                .and_then(|state| {
+                    let categories = state.map(|s| s.categories).unwrap_or_default();
+                    r.recommend(q.user, &categories, as_of, strategy, *limit, &names)
+                })
+                .map(|items| Answer::Recommendations {
                     as_of,
                     worker,
-                    state: state.map(Box::new),
-                });
+                    items,
+                }),
+            (Ask::Similar { item, limit }, Some(r)) => {
+                r.similar(*item, as_of, &names).map(|mut items| {
+                    items.truncate(*limit);
+                    Answer::Similar {
+                        as_of,
+                        worker,
+                        items,
+                    }
+                })
+            }
+        };
+        match read {
+            Ok(a) => {
+                let _ = q.reply.send(a);
             }
             Err(e) => {
                 tracing::warn!(worker, "cannot read at {as_of}: {e:?}");

@@ -4,7 +4,7 @@
 //! copy of engine state. Every error is `{"error": {"code", "message"}}` with a fitting status.
 
 use crate::engine::Shared;
-use crate::query::{Answer, Query};
+use crate::query::{Answer, Ask};
 use crate::render;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -19,7 +19,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 /// Waiting for `min_as_of_ms` is capped at this.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -94,6 +93,14 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         (&Method::GET, ["v1", "users", user]) => {
             ("profile", profile(shared, user, req.uri().query()).await)
         }
+        (&Method::GET, ["v1", "users", user, "recommendations"]) => (
+            "recommendations",
+            recommendations(shared, user, req.uri().query()).await,
+        ),
+        (&Method::GET, ["v1", "items", item, "similar"]) => (
+            "similar",
+            similar(shared, item, req.uri().query()).await,
+        ),
         (&Method::GET, ["v1", "status"]) => ("status", status(shared)),
         (&Method::GET, ["healthz"]) => (
             "healthz",
@@ -102,6 +109,8 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         (&Method::GET, ["readyz"]) => ("readyz", readyz(shared)),
         (&Method::GET, ["metrics"]) => ("metrics", metrics(shared)),
         (_, ["v1", "users", _])
+        | (_, ["v1", "users", _, "recommendations"])
+        | (_, ["v1", "items", _, "similar"])
         | (_, ["v1", "status"])
         | (_, ["healthz"])
         | (_, ["readyz"])
@@ -147,24 +156,165 @@ fn number_param(query: Option<&str>, name: &str) -> Result<Option<u64>, Box<Repl
     }
 }
 
-async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> Reply {
-    let user_id = match percent_encoding::percent_decode_str(raw_user).decode_utf8() {
+/// A percent-decoded user or item id, checked against SPEC §2's length rule.
+fn path_id(raw: &str, what: &str) -> Result<String, Box<Reply>> {
+    let id = match percent_encoding::percent_decode_str(raw).decode_utf8() {
         Ok(u) => u.into_owned(),
         Err(_) => {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("{what} id is not valid UTF-8"),
+            )))
+        }
+    };
+    if id.is_empty() || id.len() > crate::parse::MAX_ID_BYTES {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{what} id must be 1..={} bytes", crate::parse::MAX_ID_BYTES),
+        )));
+    }
+    Ok(id)
+}
+
+/// Most items a recommendation or similar-items list returns.
+pub const MAX_LIMIT: u64 = 100;
+const DEFAULT_LIMIT: u64 = 10;
+
+fn limit_param(query: Option<&str>) -> Result<usize, Box<Reply>> {
+    match number_param(query, "limit")? {
+        None => Ok(DEFAULT_LIMIT as usize),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n as usize),
+        Some(n) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit must be between 1 and {MAX_LIMIT}, got {n}"),
+        ))),
+    }
+}
+
+/// The reply for an answer that carries no state.
+fn unanswered(shared: &Arc<Shared>, answer: Answer, what: &str) -> Reply {
+    match answer {
+        Answer::Disabled => error(
+            StatusCode::NOT_FOUND,
+            "disabled",
+            format!("{what} are turned off ([recommendations] enabled = false)"),
+        ),
+        Answer::Timeout { as_of: None } if shared.clock().is_none() => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the engine has not completed any time yet",
+        ),
+        Answer::Timeout { .. } => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("no answer for {what} in time"),
+        ),
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the engine is shutting down",
+        ),
+    }
+}
+
+async fn recommendations(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> Reply {
+    let (user_id, limit) = match (path_id(raw_user, "user"), limit_param(query)) {
+        (Ok(u), Ok(l)) => (u, l),
+        (Err(r), _) | (_, Err(r)) => return *r,
+    };
+    let Some(rec) = shared.settings.recommendations.as_ref() else {
+        return unanswered(shared, Answer::Disabled, "recommendations");
+    };
+    // The experiment assigns the strategy; `?strategy=` overrides it (evaluation, debugging).
+    let name = match param(query, "strategy") {
+        Some(s) if rec.strategies.contains_key(&s) => s,
+        Some(s) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                "user id is not valid UTF-8",
+                format!(
+                    "unknown strategy {s:?} (configured: {})",
+                    rec.strategies.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
             )
         }
+        None => rec.variant(&user_id).to_string(),
     };
-    if user_id.is_empty() || user_id.len() > crate::parse::MAX_ID_BYTES {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("user id must be 1..={} bytes", crate::parse::MAX_ID_BYTES),
-        );
+    let Some(strategy) = rec.strategies.get(&name).cloned() else {
+        return unanswered(shared, Answer::Disabled, "recommendations");
+    };
+    let answer = shared
+        .router
+        .ask(
+            crate::names::hash(&user_id),
+            Ask::Recommend { strategy, limit },
+            None,
+            Duration::from_millis(DEFAULT_TIMEOUT_MS),
+        )
+        .await;
+    match answer {
+        Answer::Recommendations {
+            as_of,
+            worker,
+            items,
+        } => {
+            shared.metrics.exposed(&name, items.len());
+            let body = render::recommendations(&user_id, as_of, &name, &items, &shared.names);
+            let mut r = json_reply(StatusCode::OK, &body);
+            r.headers_mut()
+                .insert("x-persona-worker", HeaderValue::from(worker as u64));
+            r
+        }
+        other => unanswered(shared, other, "recommendations"),
     }
+}
+
+async fn similar(shared: &Arc<Shared>, raw_item: &str, query: Option<&str>) -> Reply {
+    let (item_id, limit) = match (path_id(raw_item, "item"), limit_param(query)) {
+        (Ok(i), Ok(l)) => (i, l),
+        (Err(r), _) | (_, Err(r)) => return *r,
+    };
+    if shared.settings.recommendations.is_none() {
+        return unanswered(shared, Answer::Disabled, "similar items");
+    }
+    let item = crate::names::hash(&item_id);
+    let answer = shared
+        .router
+        .ask(
+            item,
+            Ask::Similar { item, limit },
+            None,
+            Duration::from_millis(DEFAULT_TIMEOUT_MS),
+        )
+        .await;
+    match answer {
+        // An id no event or catalog record ever named is unknown; a known item may have none.
+        Answer::Similar { as_of, .. } if shared.names.get(item).is_none() => {
+            let mut r = error(
+                StatusCode::NOT_FOUND,
+                "item_not_found",
+                format!("no event or catalog record names item {item_id:?} as of {as_of}"),
+            );
+            r.headers_mut()
+                .insert("x-persona-as-of-ms", HeaderValue::from(as_of));
+            r
+        }
+        Answer::Similar { as_of, items, .. } => json_reply(
+            StatusCode::OK,
+            &render::similar(&item_id, as_of, &items, &shared.names),
+        ),
+        other => unanswered(shared, other, "similar items"),
+    }
+}
+
+async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> Reply {
+    let user_id = match path_id(raw_user, "user") {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
     let (min_as_of, timeout_ms) = match (
         number_param(query, "min_as_of_ms"),
         number_param(query, "timeout_ms"),
@@ -172,21 +322,20 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
         (Ok(m), Ok(t)) => (m, t.unwrap_or(DEFAULT_TIMEOUT_MS).min(MAX_TIMEOUT_MS)),
         (Err(r), _) | (_, Err(r)) => return *r,
     };
-    let (tx, rx) = oneshot::channel();
-    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-    shared.router.send(Query {
-        user: crate::names::hash(&user_id),
-        min_as_of,
-        deadline,
-        reply: tx,
-    });
-    // The worker replies by the deadline; the extra second covers a worker busy in a long step.
-    let answer = match tokio::time::timeout(Duration::from_millis(timeout_ms + 1_000), rx).await {
-        Ok(Ok(a)) => a,
-        Ok(Err(_)) => Answer::Unavailable,
-        Err(_) => Answer::Timeout {
+    let answer = match shared
+        .router
+        .ask(
+            crate::names::hash(&user_id),
+            Ask::Profile,
+            min_as_of,
+            Duration::from_millis(timeout_ms),
+        )
+        .await
+    {
+        Answer::Timeout { as_of: None } => Answer::Timeout {
             as_of: shared.clock(),
         },
+        a => a,
     };
     match answer {
         Answer::Profile {
@@ -225,11 +374,7 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
                 min_as_of.unwrap_or(0)
             ),
         ),
-        Answer::Unavailable => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the engine is shutting down",
-        ),
+        other => unanswered(shared, other, "profiles"),
     }
 }
 

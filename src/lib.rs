@@ -9,6 +9,7 @@
 pub mod config;
 pub mod deadletter;
 pub mod engine;
+pub mod evaluate;
 pub mod generate;
 pub mod http;
 pub mod kafka_client;

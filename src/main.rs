@@ -57,6 +57,15 @@ enum Command {
         #[arg(long)]
         serve: bool,
     },
+    /// Score the recommendation strategies on a log split in time (precision, recall, NDCG).
+    Evaluate {
+        #[command(flatten)]
+        args: persona::evaluate::EvaluateArgs,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Write a synthetic event log (and catalog) for benchmarks.
     Generate(persona::generate::Options),
     /// Send a log's lines to a Kafka topic, keyed and partitioned by user_id.
@@ -126,6 +135,24 @@ fn main() -> Result<()> {
                     serve,
                 },
             )
+        }
+        Command::Evaluate {
+            args,
+            config,
+            workers,
+        } => {
+            let s = settings(config, workers, false)?;
+            let e = persona::evaluate::evaluate(s, &args)?;
+            println!(
+                "{}: split {}: {} training and {} held-out events",
+                e.label, e.split, e.train_events, e.test_events
+            );
+            print!(
+                "{}{}",
+                persona::evaluate::table_header(args.k),
+                persona::evaluate::table_rows(&e)
+            );
+            Ok(())
         }
         Command::Generate(o) => persona::generate::generate(&o),
         Command::Produce(a) => persona::kafka_tools::produce(&a),

@@ -16,6 +16,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StrategyLabel {
+    pub strategy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
 }
@@ -40,6 +45,8 @@ struct Inner {
     catalog_records: Counter,
     clock: Gauge<u64, AtomicU64>,
     query_latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    recommendation_requests: Family<StrategyLabel, Counter>,
+    exposures: Family<StrategyLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,8 +109,22 @@ impl Metrics {
             "HTTP request latency by route",
             query_latency.clone(),
         );
+        let recommendation_requests = Family::<StrategyLabel, Counter>::default();
+        let exposures = Family::<StrategyLabel, Counter>::default();
+        registry.register(
+            "recommendation_requests",
+            "Recommendation lists served, by strategy (the user's experiment variant)",
+            recommendation_requests.clone(),
+        );
+        registry.register(
+            "recommendation_exposures",
+            "Items shown in served recommendation lists, by strategy",
+            exposures.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                recommendation_requests,
+                exposures,
                 registry,
                 events_read,
                 accepted,
@@ -176,6 +197,18 @@ impl Metrics {
                 route: route.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// A recommendation list of `items` items was served under `strategy`.
+    pub fn exposed(&self, strategy: &str, items: usize) {
+        let label = StrategyLabel {
+            strategy: strategy.to_string(),
+        };
+        self.inner.recommendation_requests.get_or_create(&label).inc();
+        self.inner
+            .exposures
+            .get_or_create(&label)
+            .inc_by(items as u64);
     }
 
     pub fn render(&self) -> String {

@@ -5,15 +5,27 @@
 //! answers between dataflow steps and replies on a oneshot.
 
 use crossbeam_channel::{Receiver, Sender};
-use persona_dataflows::{owner, ProfileState};
+use persona_dataflows::{owner, Neighbour, ProfileState, Scored, Strategy};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::Instant;
 use tokio::sync::oneshot;
 
-/// A profile read.
+/// What a query reads.
+#[derive(Debug, Clone)]
+pub enum Ask {
+    Profile,
+    /// The user's top `limit` under `strategy`.
+    Recommend { strategy: Strategy, limit: usize },
+    /// The neighbours of item `item` (any worker holds them; routed by the item).
+    Similar { item: u64, limit: usize },
+}
+
+/// A read, sent to the worker that owns `user`.
 pub struct Query {
+    /// The routing key: the user's hash (the item's for [`Ask::Similar`]).
     pub user: u64,
+    pub ask: Ask,
     /// Wait until the engine clock has reached this time (read-your-writes).
     pub min_as_of: Option<u64>,
     /// Give up waiting at this instant.
@@ -30,6 +42,20 @@ pub enum Answer {
         worker: usize,
         state: Option<Box<ProfileState>>,
     },
+    /// The user's recommendations at `as_of` (any user: no history means trending items).
+    Recommendations {
+        as_of: u64,
+        worker: usize,
+        items: Vec<Scored>,
+    },
+    /// The item's neighbours at `as_of`, best first.
+    Similar {
+        as_of: u64,
+        worker: usize,
+        items: Vec<Neighbour>,
+    },
+    /// Recommendations are turned off in the configuration.
+    Disabled,
     /// `min_as_of` was not reached before the deadline; the clock is at `as_of`.
     Timeout { as_of: Option<u64> },
     /// The engine is shutting down.
@@ -79,5 +105,44 @@ impl Router {
 
     pub fn wake_all(&self) {
         (0..self.threads.len()).for_each(|w| self.wake(w));
+    }
+}
+
+impl Router {
+    /// Sends a query and waits for its answer, up to `timeout` (plus a second for a worker
+    /// busy in a long step).
+    pub async fn ask(
+        &self,
+        user: u64,
+        ask: Ask,
+        min_as_of: Option<u64>,
+        timeout: std::time::Duration,
+    ) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        self.send(Query {
+            user,
+            ask,
+            min_as_of,
+            deadline: Instant::now() + timeout,
+            reply: tx,
+        });
+        match tokio::time::timeout(timeout + std::time::Duration::from_secs(1), rx).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(_)) => Answer::Unavailable,
+            Err(_) => Answer::Timeout { as_of: None },
+        }
+    }
+
+    /// [`Router::ask`] for callers outside an async runtime (commands, tests).
+    pub fn ask_blocking(&self, user: u64, ask: Ask, timeout: std::time::Duration) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        self.send(Query {
+            user,
+            ask,
+            min_as_of: None,
+            deadline: Instant::now() + timeout,
+            reply: tx,
+        });
+        rx.blocking_recv().unwrap_or(Answer::Unavailable)
     }
 }

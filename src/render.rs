@@ -3,7 +3,7 @@
 use crate::config::{Settings, SCORE_WINDOW_MS};
 use crate::names::Names;
 use indexmap::IndexMap;
-use persona_dataflows::ProfileState;
+use persona_dataflows::{Neighbour, ProfileState, Reason, Scored};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -133,4 +133,54 @@ pub fn profile(
         engagement_score,
         segments: Vec::new(),
     })
+}
+
+/// The human-readable reason for a recommended item.
+pub fn reason(reason: &Reason, names: &Names) -> String {
+    match reason {
+        Reason::Similar(item) => format!("viewed together with {}", names.name(*item)),
+        Reason::Popular(Some(category)) => format!("popular in {}", names.name(*category)),
+        Reason::Popular(None) => "popular now".to_string(),
+    }
+}
+
+/// `GET /v1/users/{id}/recommendations` (SPEC §5).
+pub fn recommendations(
+    user_id: &str,
+    as_of: u64,
+    strategy: &str,
+    items: &[Scored],
+    names: &Names,
+) -> serde_json::Value {
+    let items: Vec<_> = items
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "item_id": names.name(s.item),
+                "score": s.score,
+                "reason": reason(&s.reason, names),
+            })
+        })
+        .collect();
+    serde_json::json!({"user_id": user_id, "as_of_ms": as_of, "strategy": strategy, "items": items})
+}
+
+/// `GET /v1/items/{id}/similar`: the neighbours with their similarity as the score.
+pub fn similar(
+    item_id: &str,
+    as_of: u64,
+    items: &[Neighbour],
+    names: &Names,
+) -> serde_json::Value {
+    let items: Vec<_> = items
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "item_id": names.name(n.item),
+                "score": n.similarity(),
+                "reason": format!("viewed together with {item_id}"),
+            })
+        })
+        .collect();
+    serde_json::json!({"item_id": item_id, "as_of_ms": as_of, "items": items})
 }

@@ -11,6 +11,7 @@
 
 use crate::basics::{self, Basics};
 use crate::event::{route_hash, Device, Event, NameOrder, Time, UserKey};
+use crate::recommend::{recommendation_views, RecommendConfig, RecommendViews};
 use crate::{categories, counts, dedup, windows};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::{cursor_list, Cursor, CursorList, Navigable};
@@ -59,13 +60,22 @@ pub struct ViewConfig {
     pub names: NameOrder,
 }
 
+/// The arrangements every worker maintains.
+pub struct Views<'s> {
+    pub basics: Arranged<'s, BasicsTrace>,
+    pub features: Arranged<'s, FeatureTrace>,
+    /// Present when recommendations are on.
+    pub recommend: Option<RecommendViews<'s>>,
+}
+
 /// Builds every view from raw (not yet de-duplicated) events and the catalog.
 pub fn profiles<'s>(
     raw: VecCollection<'s, Time, Event>,
     catalog: VecCollection<'s, Time, (u64, u64)>,
     config: &ViewConfig,
+    recommend: Option<&RecommendConfig>,
     stats: Arc<dyn dedup::DedupObserver>,
-) -> (Arranged<'s, BasicsTrace>, Arranged<'s, FeatureTrace>) {
+) -> Views<'s> {
     // One move to the user's worker; every view downstream is keyed by user, so their own
     // exchanges then stay on this worker.
     let events = dedup::dedup(raw, config.dedup_horizon_ms, stats)
@@ -79,11 +89,17 @@ pub fn profiles<'s>(
         config.names.clone(),
     )
     .arrange_by_key_named("Arrange: basics");
+    let recommend =
+        recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), r));
     let features = counts::counts(events.clone())
         .concat(windows::windows(events.clone(), config.window_retention_ms))
         .concat(categories::categories(events, catalog))
         .arrange_by_key_named("Arrange: features");
-    (basics, features)
+    Views {
+        basics,
+        features,
+        recommend,
+    }
 }
 
 /// The features of one user at one time, with additive values accumulated.

@@ -21,6 +21,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Capability;
 
 pub fn windows<'s>(
@@ -97,4 +98,21 @@ pub fn release_when_due<'s, D: differential_dataflow::Data>(
             }
         })
         .as_collection()
+}
+
+/// Moves every update to the next multiple of `refresh_ms` at or after its time (identity for
+/// 0 or 1), held back until due: downstream then works once per refresh, however many updates
+/// arrived in between.
+pub fn coarsen<'s, D: differential_dataflow::Data>(
+    updates: VecCollection<'s, Time, D>,
+    refresh_ms: u64,
+) -> VecCollection<'s, Time, D> {
+    if refresh_ms <= 1 {
+        return updates;
+    }
+    let rounded = updates
+        .inner
+        .map(move |(d, t, r)| (d, t.div_ceil(refresh_ms).saturating_mul(refresh_ms), r))
+        .as_collection();
+    release_when_due(rounded)
 }

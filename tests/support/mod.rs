@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod process;
+pub mod recommend;
 pub mod reference;
 
 use persona::config::{ClockMode, Config, Settings};

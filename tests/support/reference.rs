@@ -171,6 +171,22 @@ pub fn catalog(lines: &[String]) -> HashMap<String, String> {
 
 /// Profiles (sorted by user id) of a log, at `now` = the largest accepted `ts`.
 pub fn profiles(events: &[String], catalog_lines: &[String]) -> (Vec<Value>, Stats) {
+    let (kept, stats) = accepted(events);
+    let cat = catalog(catalog_lines);
+    let now = kept.values().map(|e| e.ts).max().unwrap_or(0);
+    let mut by_user: BTreeMap<String, Vec<Ev>> = BTreeMap::new();
+    for e in kept.into_values() {
+        by_user.entry(e.user.clone()).or_default().push(e);
+    }
+    let out = by_user
+        .iter()
+        .map(|(user, evs)| profile(user, evs, &cat, now))
+        .collect();
+    (out, stats)
+}
+
+/// The accepted, de-duplicated events of a log by event id, and the counts.
+pub fn accepted(events: &[String]) -> (BTreeMap<String, Ev>, Stats) {
     let mut stats = Stats::default();
     let mut kept: BTreeMap<String, Ev> = BTreeMap::new();
     for line in events {
@@ -195,17 +211,7 @@ pub fn profiles(events: &[String], catalog_lines: &[String]) -> (Vec<Value>, Sta
         }
     }
     stats.accepted = kept.len() as u64;
-    let cat = catalog(catalog_lines);
-    let now = kept.values().map(|e| e.ts).max().unwrap_or(0);
-    let mut by_user: BTreeMap<String, Vec<Ev>> = BTreeMap::new();
-    for e in kept.into_values() {
-        by_user.entry(e.user.clone()).or_default().push(e);
-    }
-    let out = by_user
-        .iter()
-        .map(|(user, evs)| profile(user, evs, &cat, now))
-        .collect();
-    (out, stats)
+    (kept, stats)
 }
 
 fn profile(user: &str, evs: &[Ev], cat: &HashMap<String, String>, now: u64) -> Value {

@@ -1,0 +1,340 @@
+//! Maintains, per user, the recent interactions the recommender works from: the last K
+//! distinct items the user touched within a time horizon, each with its strongest interaction
+//! weight, and every item the user ever purchased. Keyed by user.
+//!
+//! "Recent" at time `now` means an item event with `now - horizon < ts`; the set holds the K
+//! items with the latest such touch (newest first, ties by item id string), and an item's
+//! weight is the largest type weight among its in-horizon touches. Touches age out at
+//! `ts + horizon` on a timer, so the set is exact at every time, late events and retractions
+//! included.
+//!
+//! Output records: [`Affinity::Recent`] (one per item of the set, re-emitted only when the set
+//! or a weight changes: a re-view of an item already in the set emits nothing) and
+//! [`Affinity::Purchased`] (multiplicity = purchases of the item).
+//!
+//! Cost per event: O(log n + K) in the user's in-horizon touches. Memory: one entry per item
+//! event within the horizon, plus one record per (user, purchased item).
+
+use crate::event::{Event, NameOrder, PendingByTime, Time, UserKey};
+use differential_dataflow::{AsCollection, VecCollection};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::Arc;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+
+/// What a user's recommendations are computed from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Affinity {
+    /// An item of the user's recent set, with its weight in thousandths.
+    Recent { item: u64, weight: u32 },
+    /// An item the user bought (never recommended to them).
+    Purchased(u64),
+}
+
+/// How interactions are weighed and bounded.
+#[derive(Clone)]
+pub struct InteractionConfig {
+    /// K: items kept per user.
+    pub recent_items: usize,
+    pub horizon_ms: u64,
+    /// Type hash → weight in thousandths; other types weigh `default_weight`.
+    pub weights: Arc<HashMap<u64, u32>>,
+    pub default_weight: u32,
+    pub purchase_kind: u64,
+    pub names: NameOrder,
+}
+
+impl InteractionConfig {
+    pub fn weight(&self, kind: u64) -> u32 {
+        self.weights
+            .get(&kind)
+            .copied()
+            .unwrap_or(self.default_weight)
+    }
+}
+
+/// One item's in-horizon touches by one user.
+#[derive(Default)]
+struct Touches {
+    /// `(ts, event id)` → (weight, multiplicity).
+    times: BTreeMap<(u64, u64), (u32, u64)>,
+    /// weight → number of touches with it.
+    weights: BTreeMap<u32, u64>,
+}
+
+impl Touches {
+    fn latest(&self) -> Option<u64> {
+        self.times.keys().next_back().map(|(ts, _)| *ts)
+    }
+    fn weight(&self) -> u32 {
+        self.weights.keys().next_back().copied().unwrap_or(0)
+    }
+    fn unweigh(&mut self, w: u32, n: u64) {
+        if let Some(c) = self.weights.get_mut(&w) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.weights.remove(&w);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct UserItems {
+    items: HashMap<u64, Touches>,
+    /// `(latest ts, item)` of every item with in-horizon touches.
+    latest: BTreeSet<(Reverse<u64>, u64)>,
+    /// The recent set last emitted, `(item, weight)` sorted by item.
+    emitted: Vec<(u64, u32)>,
+}
+
+impl UserItems {
+    /// Applies `f` to the touches of `item` and keeps `latest` in step.
+    fn with_item(&mut self, item: u64, f: impl FnOnce(&mut Touches)) {
+        let touches = self.items.entry(item).or_default();
+        let before = touches.latest();
+        f(touches);
+        let after = touches.latest();
+        if after.is_none() {
+            self.items.remove(&item);
+        }
+        if before != after {
+            if let Some(t) = before {
+                self.latest.remove(&(Reverse(t), item));
+            }
+            if let Some(t) = after {
+                self.latest.insert((Reverse(t), item));
+            }
+        }
+    }
+
+    /// Adds (or removes) `n` touches; returns whether the touch is new.
+    fn apply(&mut self, item: u64, ts: u64, id: u64, weight: u32, diff: i64) -> bool {
+        let mut new = false;
+        let n = diff.unsigned_abs();
+        self.with_item(item, |t| {
+            if diff > 0 {
+                let entry = t.times.entry((ts, id)).or_insert((weight, 0));
+                new = entry.1 == 0;
+                entry.1 += n;
+                *t.weights.entry(weight).or_insert(0) += n;
+            } else if let Some(entry) = t.times.get_mut(&(ts, id)) {
+                let removed = entry.1.min(n);
+                entry.1 -= removed;
+                let w = entry.0;
+                if entry.1 == 0 {
+                    t.times.remove(&(ts, id));
+                }
+                t.unweigh(w, removed);
+            }
+        });
+        new
+    }
+
+    /// Drops a touch that aged out (all its multiplicity).
+    fn expire(&mut self, item: u64, ts: u64, id: u64) {
+        self.with_item(item, |t| {
+            if let Some((w, n)) = t.times.remove(&(ts, id)) {
+                t.unweigh(w, n);
+            }
+        });
+    }
+
+    /// The current recent set, sorted by item.
+    fn recent(&self, k: usize, names: &NameOrder) -> Vec<(u64, u32)> {
+        // The newest k, plus everything tied with the k-th, then ties ordered by name.
+        let mut top: Vec<(u64, u64)> = Vec::with_capacity(k + 2);
+        for (Reverse(t), item) in &self.latest {
+            if top.len() >= k && top.last().is_some_and(|(lt, _)| lt != t) {
+                break;
+            }
+            top.push((*t, *item));
+        }
+        top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| names(a.1, b.1)));
+        top.truncate(k);
+        let mut out: Vec<(u64, u32)> = top
+            .iter()
+            .map(|(_, item)| (*item, self.items.get(item).map_or(0, Touches::weight)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+/// A touch's expiry: `(due time, user, item, ts, event id)`.
+type Expiry = Reverse<(Time, u64, u64, u64, u64)>;
+
+/// The recent sets and purchases of every user in `events` (de-duplicated, exchanged by user).
+pub fn interactions<'s>(
+    events: VecCollection<'s, Time, Event>,
+    config: &InteractionConfig,
+) -> VecCollection<'s, Time, (UserKey, Affinity)> {
+    let purchases = {
+        let purchase = config.purchase_kind;
+        events
+            .clone()
+            .filter(move |e| e.kind == purchase && e.has_item())
+            .map(|e| (UserKey(e.user), Affinity::Purchased(e.item)))
+    };
+    let config = config.clone();
+    let pact =
+        Exchange::new(|update: &(Event, Time, isize)| crate::event::route_hash(update.0.user));
+    let recent = events
+        .inner
+        .unary_frontier(pact, "RecentItems", move |_cap, _info| {
+            let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
+            let mut users: HashMap<u64, UserItems> = HashMap::new();
+            let mut expiries: BinaryHeap<Expiry> = BinaryHeap::new();
+            let mut held: Option<Capability<Time>> = None;
+            let mut touched: Vec<u64> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    for (event, time, diff) in data.drain(..) {
+                        pending
+                            .entry(time)
+                            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
+                            .1
+                            .push((event, diff));
+                    }
+                });
+                loop {
+                    let next_input = pending.keys().next().copied();
+                    let next_expiry = expiries.peek().map(|Reverse(e)| e.0);
+                    let Some(time) = next_input.into_iter().chain(next_expiry).min() else {
+                        break;
+                    };
+                    if frontier.less_equal(&time) {
+                        break;
+                    }
+                    let (cap, batch) = if next_input == Some(time) {
+                        match pending.remove(&time) {
+                            Some(x) => x,
+                            None => break,
+                        }
+                    } else {
+                        match held.as_ref() {
+                            Some(h) => (h.delayed(&time), Vec::new()),
+                            None => break,
+                        }
+                    };
+                    touched.clear();
+                    // Age out first: a touch is recent at `time` only if `time < ts + horizon`.
+                    while let Some(Reverse((due, user, item, ts, id))) = expiries.peek().copied() {
+                        if due > time {
+                            break;
+                        }
+                        expiries.pop();
+                        if let Some(state) = users.get_mut(&user) {
+                            state.expire(item, ts, id);
+                            touched.push(user);
+                        }
+                    }
+                    for (e, diff) in &batch {
+                        let due = e.ts.saturating_add(config.horizon_ms);
+                        if !e.has_item() || due <= time {
+                            continue;
+                        }
+                        let weight = config.weight(e.kind);
+                        let state = users.entry(e.user).or_default();
+                        if state.apply(e.item, e.ts, e.id, weight, *diff as i64) {
+                            expiries.push(Reverse((due, e.user, e.item, e.ts, e.id)));
+                            if held.as_ref().is_none_or(|h| due < *h.time()) {
+                                held = Some(cap.delayed(&due));
+                            }
+                        }
+                        touched.push(e.user);
+                    }
+                    touched.sort_unstable();
+                    touched.dedup();
+                    let mut session = output.session(&cap);
+                    for user in &touched {
+                        let Some(state) = users.get_mut(user) else {
+                            continue;
+                        };
+                        let new = state.recent(config.recent_items, &config.names);
+                        let old = std::mem::take(&mut state.emitted);
+                        // Both sorted by item: emit only what changed.
+                        let (mut i, mut j) = (0, 0);
+                        while i < old.len() || j < new.len() {
+                            let (o, n) = (old.get(i), new.get(j));
+                            match (o, n) {
+                                (Some(a), Some(b)) if a == b => {
+                                    i += 1;
+                                    j += 1;
+                                }
+                                (Some(a), Some(b)) if a.0 == b.0 => {
+                                    session.give(((UserKey(*user), recent(*a)), time, -1isize));
+                                    session.give(((UserKey(*user), recent(*b)), time, 1isize));
+                                    i += 1;
+                                    j += 1;
+                                }
+                                (Some(a), Some(b)) if a.0 < b.0 => {
+                                    session.give(((UserKey(*user), recent(*a)), time, -1isize));
+                                    i += 1;
+                                    let _ = b;
+                                }
+                                (Some(a), None) => {
+                                    session.give(((UserKey(*user), recent(*a)), time, -1isize));
+                                    i += 1;
+                                }
+                                (_, Some(b)) => {
+                                    session.give(((UserKey(*user), recent(*b)), time, 1isize));
+                                    j += 1;
+                                }
+                                (None, None) => break,
+                            }
+                        }
+                        if state.items.is_empty() {
+                            users.remove(user);
+                        } else {
+                            state.emitted = new;
+                        }
+                    }
+                    drop(session);
+                    match expiries.peek() {
+                        Some(Reverse((next, ..))) => {
+                            if let Some(h) = held.as_mut() {
+                                if h.time() < next {
+                                    h.downgrade(next);
+                                }
+                            }
+                        }
+                        None => held = None,
+                    }
+                }
+            }
+        })
+        .as_collection();
+    recent.concat(purchases)
+}
+
+fn recent((item, weight): (u64, u32)) -> Affinity {
+    Affinity::Recent { item, weight }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_set_keeps_the_newest_k_with_their_strongest_weight() {
+        let names: NameOrder = Arc::new(|a: u64, b: u64| a.cmp(&b));
+        let mut u = UserItems::default();
+        u.apply(10, 1, 1, 1000, 1);
+        u.apply(11, 2, 2, 1000, 1);
+        u.apply(10, 3, 3, 5000, 1);
+        u.apply(12, 3, 4, 1000, 1);
+        assert_eq!(u.recent(2, &names), vec![(10, 5000), (12, 1000)]);
+        // The strong touch is retracted: the item keeps its weaker one, and its latest ts falls.
+        u.apply(10, 3, 3, 5000, -1);
+        assert_eq!(u.recent(2, &names), vec![(11, 1000), (12, 1000)]);
+        u.expire(11, 2, 2);
+        u.expire(12, 3, 4);
+        assert_eq!(u.recent(2, &names), vec![(10, 1000)]);
+        u.expire(10, 1, 1);
+        assert!(u.items.is_empty() && u.latest.is_empty());
+    }
+}

@@ -1,0 +1,134 @@
+//! Maintains, per item, its top-M most similar items, from the co-occurrence of items in
+//! users' recent sets ([`crate::interactions`]). Keyed by item.
+//!
+//! `c(i)` is the number of users whose recent set holds item `i`, `c(i, j)` the number holding
+//! both. Similarity is computed from those counts as Microsoft Recommenders' SAR does:
+//! Jaccard `c(i,j) / (c(i) + c(j) - c(i,j))` (default), cosine `c(i,j) / sqrt(c(i) c(j))`,
+//! lift `c(i,j) / (c(i) c(j))`, or the raw count. Pairs seen by fewer than
+//! `min_cooccurrence` users are ignored. Each item keeps its `neighbours` best: similarity
+//! descending, ties by item id string.
+//!
+//! Cost: a change to one user's recent set is K pair updates (a self-join on the user, whose
+//! set holds at most K items). Re-ranking an item's neighbours reads all its co-occurring
+//! items, which grows with its popularity, so pair and item counts move on a coarser clock
+//! ([`crate::windows::coarsen`], `refresh_ms`): each item is re-ranked at most once per
+//! refresh, whatever the event rate. Memory: one record per co-occurring pair.
+
+use crate::event::{NameOrder, Time, UserKey};
+use crate::interactions::Affinity;
+use crate::windows::coarsen;
+use differential_dataflow::VecCollection;
+use serde::{Deserialize, Serialize};
+
+/// How similarity is computed from co-occurrence counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Similarity {
+    Jaccard,
+    Cosine,
+    Lift,
+    Count,
+}
+
+impl Similarity {
+    /// From `c(i,j)`, `c(i)` and `c(j)`.
+    pub fn score(self, both: u64, a: u64, b: u64) -> f64 {
+        let (both, a, b) = (both as f64, a as f64, b as f64);
+        match self {
+            Similarity::Jaccard => both / (a + b - both),
+            Similarity::Cosine => both / (a * b).sqrt(),
+            Similarity::Lift => both / (a * b),
+            Similarity::Count => both,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SimilarConfig {
+    /// M: neighbours kept per item.
+    pub neighbours: usize,
+    pub similarity: Similarity,
+    pub min_cooccurrence: u64,
+    /// Pair and item counts move on multiples of this (0: every time).
+    pub refresh_ms: u64,
+    pub names: NameOrder,
+}
+
+/// One of an item's most similar items. `sim_bits` is a non-negative `f64`'s bits, so the
+/// derived order is the numeric order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Neighbour {
+    pub item: u64,
+    pub sim_bits: u64,
+}
+
+impl Neighbour {
+    pub fn similarity(&self) -> f64 {
+        f64::from_bits(self.sim_bits)
+    }
+}
+
+/// The reduce's input per item `i`: its own count, and each co-occurring item with its count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+enum Counted {
+    Own(u64),
+    /// `(j, c(j))`, with multiplicity `c(i, j)`.
+    Co(u64, u64),
+}
+
+/// `(item, neighbour)` for every item with at least one neighbour.
+pub fn similar_items<'s>(
+    affinity: VecCollection<'s, Time, (UserKey, Affinity)>,
+    config: &SimilarConfig,
+) -> VecCollection<'s, Time, (u64, Neighbour)> {
+    let user_items = affinity.flat_map(|(user, a)| match a {
+        Affinity::Recent { item, .. } => Some((user, item)),
+        Affinity::Purchased(_) => None,
+    });
+    let by_user = user_items.clone().arrange_by_key_named("Arrange: recent items");
+    let pairs = by_user
+        .clone()
+        .join_core(by_user, |_user, i: &u64, j: &u64| {
+            (i != j).then_some((*j, *i))
+        });
+    let pairs = coarsen(pairs, config.refresh_ms);
+    let counts = coarsen(user_items.map(|(_, item)| item), config.refresh_ms).count();
+    // (j, i) × (j, c(j)) → (i, Co(j, c(j))) with multiplicity c(i, j).
+    let co = pairs.join_map(counts.clone(), |j, i, cj| (*i, Counted::Co(*j, *cj as u64)));
+    let own = counts.map(|(i, c)| (i, Counted::Own(c as u64)));
+    let (m, similarity, min_co, names) = (
+        config.neighbours,
+        config.similarity,
+        config.min_cooccurrence.max(1),
+        config.names.clone(),
+    );
+    co.concat(own).reduce_named("TopNeighbours", move |_i, input, output| {
+        let Some(ci) = input.iter().find_map(|(v, _)| match v {
+            Counted::Own(c) => Some(*c),
+            Counted::Co(..) => None,
+        }) else {
+            return;
+        };
+        let mut scored: Vec<(f64, u64)> = input
+            .iter()
+            .filter_map(|(v, both)| match v {
+                Counted::Co(j, cj) if *both > 0 && *both as u64 >= min_co => {
+                    Some((similarity.score(*both as u64, ci, *cj), *j))
+                }
+                _ => None,
+            })
+            .filter(|(s, _)| s.is_finite() && *s > 0.0)
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| names(a.1, b.1)));
+        scored.truncate(m);
+        output.extend(scored.into_iter().map(|(s, item)| {
+            (
+                Neighbour {
+                    item,
+                    sim_bits: s.to_bits(),
+                },
+                1isize,
+            )
+        }));
+    })
+}
