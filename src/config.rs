@@ -378,15 +378,28 @@ pub struct RecommendSettings {
 impl RecommendSettings {
     fn from_config(r: &RecommendationsConfig) -> Result<RecommendSettings> {
         if r.recent_items == 0 || r.recent_items > 1000 {
-            bail!("recommendations.recent_items = {} must be between 1 and 1000", r.recent_items);
+            bail!(
+                "recommendations.recent_items = {} must be between 1 and 1000",
+                r.recent_items
+            );
         }
         if r.neighbours == 0 || r.neighbours > 1000 {
-            bail!("recommendations.neighbours = {} must be between 1 and 1000", r.neighbours);
+            bail!(
+                "recommendations.neighbours = {} must be between 1 and 1000",
+                r.neighbours
+            );
         }
         if r.popular_size == 0 || r.popular_size > 10_000 {
-            bail!("recommendations.popular_size = {} must be between 1 and 10000", r.popular_size);
+            bail!(
+                "recommendations.popular_size = {} must be between 1 and 10000",
+                r.popular_size
+            );
         }
-        for (name, w) in r.weights.iter().chain([(&"default_weight".to_string(), &r.default_weight)]) {
+        for (name, w) in r
+            .weights
+            .iter()
+            .chain([(&"default_weight".to_string(), &r.default_weight)])
+        {
             if !(w.is_finite() && *w >= 0.0 && *w <= 1_000_000.0) {
                 bail!("recommendations weight {name} = {w} must be a number between 0 and 1000000");
             }
@@ -463,7 +476,10 @@ impl RecommendSettings {
     }
 
     pub fn weight(&self, kind: &str) -> f64 {
-        self.weights.get(kind).copied().unwrap_or(self.default_weight)
+        self.weights
+            .get(kind)
+            .copied()
+            .unwrap_or(self.default_weight)
     }
 }
 

@@ -12,6 +12,7 @@ use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
 use crate::names::Names;
 use crate::parse::{self, Rejection};
+use crate::query::Ask;
 use crate::query::{Answer, Query, Router};
 use crate::sink::Sink;
 use crate::source::kafka::{self, PartitionStatus};
@@ -19,7 +20,6 @@ use crate::source::{LineSource, Next, Origin, Stream};
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use differential_dataflow::input::{Input, InputSession};
-use crate::query::Ask;
 use persona_dataflows::{
     profiles, Event, InteractionConfig, PopularConfig, ProfileState, ProfileTraces,
     RecommendConfig, RecommendTraces, SimilarConfig, Time, ViewConfig,
@@ -844,11 +844,13 @@ fn answer(
         }
         let as_of = latest.unwrap_or(0);
         let read = match (&q.ask, recommend.as_deref_mut()) {
-            (Ask::Profile, _) => traces.read_user(q.user, as_of).map(|state| Answer::Profile {
-                as_of,
-                worker,
-                state: state.map(Box::new),
-            }),
+            (Ask::Profile, _) => traces
+                .read_user(q.user, as_of)
+                .map(|state| Answer::Profile {
+                    as_of,
+                    worker,
+                    state: state.map(Box::new),
+                }),
             (Ask::Recommend { .. } | Ask::Similar { .. }, None) => Ok(Answer::Disabled),
             (Ask::Recommend { strategy, limit }, Some(r)) => traces
                 .read_user(q.user, as_of)

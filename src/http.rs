@@ -97,10 +97,9 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
             "recommendations",
             recommendations(shared, user, req.uri().query()).await,
         ),
-        (&Method::GET, ["v1", "items", item, "similar"]) => (
-            "similar",
-            similar(shared, item, req.uri().query()).await,
-        ),
+        (&Method::GET, ["v1", "items", item, "similar"]) => {
+            ("similar", similar(shared, item, req.uri().query()).await)
+        }
         (&Method::GET, ["v1", "status"]) => ("status", status(shared)),
         (&Method::GET, ["healthz"]) => (
             "healthz",
@@ -237,7 +236,11 @@ async fn recommendations(shared: &Arc<Shared>, raw_user: &str, query: Option<&st
                 "bad_request",
                 format!(
                     "unknown strategy {s:?} (configured: {})",
-                    rec.strategies.keys().cloned().collect::<Vec<_>>().join(", ")
+                    rec.strategies
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
         }

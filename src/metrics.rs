@@ -204,7 +204,10 @@ impl Metrics {
         let label = StrategyLabel {
             strategy: strategy.to_string(),
         };
-        self.inner.recommendation_requests.get_or_create(&label).inc();
+        self.inner
+            .recommendation_requests
+            .get_or_create(&label)
+            .inc();
         self.inner
             .exposures
             .get_or_create(&label)

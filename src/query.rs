@@ -16,9 +16,15 @@ use tokio::sync::oneshot;
 pub enum Ask {
     Profile,
     /// The user's top `limit` under `strategy`.
-    Recommend { strategy: Strategy, limit: usize },
+    Recommend {
+        strategy: Strategy,
+        limit: usize,
+    },
     /// The neighbours of item `item` (any worker holds them; routed by the item).
-    Similar { item: u64, limit: usize },
+    Similar {
+        item: u64,
+        limit: usize,
+    },
 }
 
 /// A read, sent to the worker that owns `user`.

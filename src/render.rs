@@ -166,12 +166,7 @@ pub fn recommendations(
 }
 
 /// `GET /v1/items/{id}/similar`: the neighbours with their similarity as the score.
-pub fn similar(
-    item_id: &str,
-    as_of: u64,
-    items: &[Neighbour],
-    names: &Names,
-) -> serde_json::Value {
+pub fn similar(item_id: &str, as_of: u64, items: &[Neighbour], names: &Names) -> serde_json::Value {
     let items: Vec<_> = items
         .iter()
         .map(|n| {

@@ -49,7 +49,7 @@ impl Engine {
         std::fs::write(
             &config,
             format!(
-                "[engine]\nworkers = 2\ntick = \"20ms\"\n\n[source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                "[engine]\nworkers = 2\ntick = \"20ms\"\n\n[source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n[recommendations]\nrefresh = \"100ms\"\n\n[recommendations.experiment]\nitem_item = 1\npopular = 1\n",
                 events.display().to_string(),
                 catalog.display().to_string(),
                 dead.display().to_string()
@@ -228,6 +228,102 @@ fn run_serves_profiles_follows_the_log_and_reports_errors() {
     engine.process.stop();
 }
 
+/// Recommendations and similar items over a socket: a user's new event changes their list,
+/// a purchase removes the item, the experiment names the strategy, errors are clear.
+#[test]
+fn recommendations_and_similar_items_over_http() {
+    let t = now_ms();
+    let views: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .flat_map(|(n, u)| {
+            [
+                event(
+                    &format!("{u}1"),
+                    u,
+                    "product_view",
+                    t + n as u64,
+                    Some("i1"),
+                ),
+                event(
+                    &format!("{u}2"),
+                    u,
+                    "product_view",
+                    t + n as u64,
+                    Some("i2"),
+                ),
+            ]
+        })
+        .collect();
+    let engine = Engine::start(&views);
+    let items = |path: &str| -> Vec<String> {
+        let (status, body, _) = engine.get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["item_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    engine.wait_for(30, "i1's neighbours", |_| {
+        items("/v1/items/i1/similar") == ["i2"]
+    });
+    let (_, similar, _) = engine.get("/v1/items/i1/similar?limit=5");
+    assert!(similar["as_of_ms"].as_u64().is_some(), "{similar}");
+    assert_eq!(similar["items"][0]["reason"], "viewed together with i1");
+    assert!(similar["items"][0]["score"].as_f64().unwrap() > 0.0);
+
+    // d views i1: under item_item, i2 comes with its reason; the strategy is named.
+    engine.append(&[event("d1", "d", "product_view", t + 10, Some("i1"))]);
+    let strategy =
+        |u: &str| engine.get(&format!("/v1/users/{u}/recommendations")).1["strategy"].clone();
+    engine.wait_for(30, "d's recommendation", |e| {
+        e.get("/v1/users/d/recommendations?strategy=item_item").1["items"][0]["item_id"] == "i2"
+    });
+    let (_, rec, _) = engine.get("/v1/users/d/recommendations?strategy=item_item&limit=1");
+    assert_eq!(rec["user_id"], "d");
+    assert_eq!(rec["strategy"], "item_item");
+    assert_eq!(rec["items"].as_array().unwrap().len(), 1);
+    assert_eq!(rec["items"][0]["reason"], "viewed together with i1");
+    assert!(["item_item", "popular"].contains(&strategy("d").as_str().unwrap()));
+    // Variants are stable per user and both are in use over a few users.
+    let variants: std::collections::BTreeSet<String> = (0..20)
+        .map(|n| strategy(&format!("user-{n}")).as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(variants.len(), 2, "{variants:?}");
+    assert_eq!(strategy("user-7"), strategy("user-7"));
+
+    // Bought: never recommended again.
+    engine.append(&[event("d2", "d", "purchase", t + 11, Some("i2"))]);
+    engine.wait_for(30, "the purchase to apply", |_| {
+        !items("/v1/users/d/recommendations?strategy=item_item").contains(&"i2".to_string())
+    });
+    // Cold start: the trending list.
+    let (_, cold, _) = engine.get("/v1/users/newcomer/recommendations?strategy=popular");
+    assert_eq!(cold["items"][0]["reason"], "popular now", "{cold}");
+
+    for (path, status) in [
+        ("/v1/users/d/recommendations?limit=0", 400),
+        ("/v1/users/d/recommendations?limit=101", 400),
+        ("/v1/users/d/recommendations?strategy=nope", 400),
+        ("/v1/items/never-seen/similar", 404),
+    ] {
+        let (s, body, _) = engine.get(path);
+        assert_eq!(s, status, "{path}: {body}");
+        assert!(body["error"]["code"].is_string(), "{path}: {body}");
+    }
+    let metrics = ureq::get(&format!("{}/metrics", engine.base))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("persona_recommendation_exposures_total{strategy=\"item_item\"}"),
+        "{metrics}"
+    );
+}
+
 /// The out-of-the-box path: `persona` with no arguments, from the repository root, serves the
 /// bundled sample.
 #[test]
@@ -259,6 +355,19 @@ fn no_command_serves_the_bundled_sample() {
     assert!(
         !p["top_categories"].as_array().unwrap().is_empty(),
         "the bundled catalog is loaded"
+    );
+    // Similarities and trending lists are re-ranked every `refresh` (5 s).
+    engine.wait_for(30, "recommendations for otto-0", |e| {
+        e.get("/v1/users/otto-0/recommendations").1["items"]
+            .as_array()
+            .map(Vec::len)
+            == Some(10)
+    });
+    let (status, r, _) = engine.get("/v1/users/someone-new/recommendations?limit=3");
+    assert_eq!(
+        (status, r["items"][0]["reason"].as_str()),
+        (200, Some("popular now")),
+        "{r}"
     );
     engine.process.stop();
 }

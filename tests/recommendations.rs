@@ -18,7 +18,13 @@ const BASE: u64 = 1_700_000_000_000;
 const DAY: u64 = 86_400_000;
 const USERS: [&str; 6] = ["u1", "u2", "u3", "u4", "u5", "ü6"];
 const ITEMS: [&str; 8] = ["i1", "i2", "i3", "i4", "b", "a", "Z", "item-8"];
-const KINDS: [&str; 5] = ["product_view", "add_to_cart", "purchase", "page_view", "fav"];
+const KINDS: [&str; 5] = [
+    "product_view",
+    "add_to_cart",
+    "purchase",
+    "page_view",
+    "fav",
+];
 const CATEGORIES: [&str; 3] = ["shoes", "bags", "hats"];
 const LIMIT: usize = 5;
 
@@ -67,8 +73,16 @@ fn serve(events: &[String], catalog: &[String], workers: usize, strategy: &str) 
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let (ev, cat) = (dir.path().join("e.jsonl"), dir.path().join("c.jsonl"));
-    std::fs::write(&ev, events.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-    std::fs::write(&cat, catalog.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &ev,
+        events.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(
+        &cat,
+        catalog.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
     let s = settings(workers);
     let strategy = s.recommendations.as_ref().unwrap().strategies[strategy].clone();
     let replayed =
@@ -81,11 +95,20 @@ fn serve(events: &[String], catalog: &[String], workers: usize, strategy: &str) 
             strategy: strategy.clone(),
             limit: LIMIT,
         };
-        match shared.router.ask_blocking(persona::names::hash(u), ask, Duration::from_secs(30)) {
+        match shared
+            .router
+            .ask_blocking(persona::names::hash(u), ask, Duration::from_secs(30))
+        {
             Answer::Recommendations { as_of, items, .. } => {
                 let items = items
                     .iter()
-                    .map(|s| (names.name(s.item), s.score, persona::render::reason(&s.reason, names)))
+                    .map(|s| {
+                        (
+                            names.name(s.item),
+                            s.score,
+                            persona::render::reason(&s.reason, names),
+                        )
+                    })
                     .collect();
                 answers.insert(u.to_string(), (as_of, items));
             }
@@ -102,11 +125,18 @@ fn serve(events: &[String], catalog: &[String], workers: usize, strategy: &str) 
     items.dedup();
     for i in &items {
         let item = persona::names::hash(i);
-        match shared.router.ask_blocking(item, Ask::Similar { item, limit: 10 }, Duration::from_secs(30)) {
+        match shared.router.ask_blocking(
+            item,
+            Ask::Similar { item, limit: 10 },
+            Duration::from_secs(30),
+        ) {
             Answer::Similar { items, .. } => {
                 similar.insert(
                     i.to_string(),
-                    items.iter().map(|n| (names.name(n.item), n.similarity())).collect(),
+                    items
+                        .iter()
+                        .map(|n| (names.name(n.item), n.similarity()))
+                        .collect(),
                 );
             }
             other => panic!("no neighbours for {i}: {other:?}"),
@@ -144,7 +174,10 @@ fn check(events: &[String], catalog: &[String], workers: usize, strategy: &str) 
     for (item, list) in &similar {
         let expected = model.neighbours.get(item).cloned().unwrap_or_default();
         let same = list.len() == expected.len()
-            && list.iter().zip(&expected).all(|(a, e)| a.0 == e.0 && close(a.1, e.1));
+            && list
+                .iter()
+                .zip(&expected)
+                .all(|(a, e)| a.0 == e.0 && close(a.1, e.1));
         assert!(same, "{workers} workers, similar to {item}:\n  engine:    {list:?}\n  reference: {expected:?}");
     }
 }
@@ -156,11 +189,20 @@ struct Case {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    let event = (0..USERS.len(), 0..KINDS.len(), 0..5 * DAY, 0..ITEMS.len(), any::<bool>());
+    let event = (
+        0..USERS.len(),
+        0..KINDS.len(),
+        0..5 * DAY,
+        0..ITEMS.len(),
+        any::<bool>(),
+    );
     let events = proptest::collection::vec(event, 1..50);
     let dups = proptest::collection::vec((any::<proptest::sample::Index>(), any::<bool>()), 0..8);
     let catalog = proptest::collection::vec(
-        (0..ITEMS.len(), proptest::option::weighted(0.8, 0..CATEGORIES.len())),
+        (
+            0..ITEMS.len(),
+            proptest::option::weighted(0.8, 0..CATEGORIES.len()),
+        ),
         0..10,
     );
     let order = proptest::collection::vec(any::<u64>(), 100);

@@ -42,7 +42,10 @@ pub fn popular<'s>(
 ) -> VecCollection<'s, Time, (u64, Popular)> {
     let window = config.window_ms;
     let counted = release_when_due(events.filter(|e| e.has_item()).join_function(move |e| {
-        [(e.item, 0, 1isize), (e.item, e.ts.saturating_add(window), -1)]
+        [
+            (e.item, 0, 1isize),
+            (e.item, e.ts.saturating_add(window), -1),
+        ]
     }));
     let counts = coarsen(counted, config.refresh_ms).count();
     let by_category = counts

@@ -89,8 +89,7 @@ pub fn profiles<'s>(
         config.names.clone(),
     )
     .arrange_by_key_named("Arrange: basics");
-    let recommend =
-        recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), r));
+    let recommend = recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), r));
     let features = counts::counts(events.clone())
         .concat(windows::windows(events.clone(), config.window_retention_ms))
         .concat(categories::categories(events, catalog))

@@ -319,7 +319,11 @@ impl RecommendTraces {
                     reason: Reason::Similar(because),
                 });
             }
-            out.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| names(a.item, b.item)));
+            out.sort_by(|a, b| {
+                b.score
+                    .total_cmp(&a.score)
+                    .then_with(|| names(a.item, b.item))
+            });
             out.truncate(limit);
         }
         if out.len() < limit {

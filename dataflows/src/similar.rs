@@ -85,7 +85,9 @@ pub fn similar_items<'s>(
         Affinity::Recent { item, .. } => Some((user, item)),
         Affinity::Purchased(_) => None,
     });
-    let by_user = user_items.clone().arrange_by_key_named("Arrange: recent items");
+    let by_user = user_items
+        .clone()
+        .arrange_by_key_named("Arrange: recent items");
     let pairs = by_user
         .clone()
         .join_core(by_user, |_user, i: &u64, j: &u64| {
@@ -102,33 +104,34 @@ pub fn similar_items<'s>(
         config.min_cooccurrence.max(1),
         config.names.clone(),
     );
-    co.concat(own).reduce_named("TopNeighbours", move |_i, input, output| {
-        let Some(ci) = input.iter().find_map(|(v, _)| match v {
-            Counted::Own(c) => Some(*c),
-            Counted::Co(..) => None,
-        }) else {
-            return;
-        };
-        let mut scored: Vec<(f64, u64)> = input
-            .iter()
-            .filter_map(|(v, both)| match v {
-                Counted::Co(j, cj) if *both > 0 && *both as u64 >= min_co => {
-                    Some((similarity.score(*both as u64, ci, *cj), *j))
-                }
-                _ => None,
-            })
-            .filter(|(s, _)| s.is_finite() && *s > 0.0)
-            .collect();
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| names(a.1, b.1)));
-        scored.truncate(m);
-        output.extend(scored.into_iter().map(|(s, item)| {
-            (
-                Neighbour {
-                    item,
-                    sim_bits: s.to_bits(),
-                },
-                1isize,
-            )
-        }));
-    })
+    co.concat(own)
+        .reduce_named("TopNeighbours", move |_i, input, output| {
+            let Some(ci) = input.iter().find_map(|(v, _)| match v {
+                Counted::Own(c) => Some(*c),
+                Counted::Co(..) => None,
+            }) else {
+                return;
+            };
+            let mut scored: Vec<(f64, u64)> = input
+                .iter()
+                .filter_map(|(v, both)| match v {
+                    Counted::Co(j, cj) if *both > 0 && *both as u64 >= min_co => {
+                        Some((similarity.score(*both as u64, ci, *cj), *j))
+                    }
+                    _ => None,
+                })
+                .filter(|(s, _)| s.is_finite() && *s > 0.0)
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| names(a.1, b.1)));
+            scored.truncate(m);
+            output.extend(scored.into_iter().map(|(s, item)| {
+                (
+                    Neighbour {
+                        item,
+                        sim_bits: s.to_bits(),
+                    },
+                    1isize,
+                )
+            }));
+        })
 }

@@ -35,12 +35,20 @@ pub struct Model<'a> {
 }
 
 impl<'a> Model<'a> {
-    pub fn new(events: &'a [Ev], cat: &'a HashMap<String, String>, now: u64, p: &'a Params) -> Self {
+    pub fn new(
+        events: &'a [Ev],
+        cat: &'a HashMap<String, String>,
+        now: u64,
+        p: &'a Params,
+    ) -> Self {
         let mut recent = BTreeMap::new();
         let users: BTreeSet<&str> = events.iter().map(|e| e.user.as_str()).collect();
         for u in users {
             let mut latest: BTreeMap<&str, (u64, u32)> = BTreeMap::new();
-            for e in events.iter().filter(|e| e.user == u && e.ts + p.horizon > now) {
+            for e in events
+                .iter()
+                .filter(|e| e.user == u && e.ts + p.horizon > now)
+            {
                 let Some(item) = &e.item else { continue };
                 let entry = latest.entry(item.as_str()).or_insert((0, 0));
                 entry.0 = entry.0.max(e.ts);
@@ -103,8 +111,10 @@ impl<'a> Model<'a> {
                 *counts.entry(item).or_insert(0) += 1;
             }
         }
-        let mut list: Vec<(String, u64)> =
-            counts.into_iter().map(|(i, n)| (i.to_string(), n)).collect();
+        let mut list: Vec<(String, u64)> = counts
+            .into_iter()
+            .map(|(i, n)| (i.to_string(), n))
+            .collect();
         list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         list.truncate(self.p.popular_size);
         list
@@ -160,7 +170,11 @@ impl<'a> Model<'a> {
                         score *= 1.0 + self.p.boost * (*n as f64 / total as f64);
                     }
                 }
-                out.push((item.to_string(), score, format!("viewed together with {because}")));
+                out.push((
+                    item.to_string(),
+                    score,
+                    format!("viewed together with {because}"),
+                ));
             }
             out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             out.truncate(limit);
