@@ -20,7 +20,7 @@
 //! (user, item, ts) and per device event, and one emitted [`Basics`] per user.
 //! (Counts by type and devices are additive and live in [`crate::counts`].)
 
-use crate::event::{Device, Event, NameOrder, PendingByTime, Time, UserKey};
+use crate::event::{newest_items, Device, Event, NameOrder, PendingByTime, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
@@ -203,16 +203,7 @@ impl UserState {
         let (&first, _) = self.times.iter().next()?;
         let (&last, _) = self.times.iter().next_back()?;
         let (current_start, current_events) = self.current?;
-        // Take the newest ten, plus everything tied with the tenth, then order ties by name.
-        let mut recent: Vec<(u64, u64)> = Vec::with_capacity(RECENT_ITEMS + 2);
-        for (Reverse(t), item) in &self.latest {
-            if recent.len() >= RECENT_ITEMS && recent.last().is_some_and(|(lt, _)| lt != t) {
-                break;
-            }
-            recent.push((*t, *item));
-        }
-        recent.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| names(a.1, b.1)));
-        recent.truncate(RECENT_ITEMS);
+        let recent = newest_items(&self.latest, RECENT_ITEMS, names);
         let mut recent_items = [0u64; RECENT_ITEMS];
         for (slot, (_, item)) in recent_items.iter_mut().zip(&recent) {
             *slot = *item;

@@ -20,6 +20,26 @@ pub type PendingByTime<D> =
 /// tie rules of SPEC §4, which are defined on the strings, not on their hashes.
 pub type NameOrder = Arc<dyn Fn(u64, u64) -> Ordering + Send + Sync>;
 
+/// The `k` newest items of a `(latest touch, item)` index, newest first, ties by item id
+/// string: the order of SPEC §4's `recent_items`, and of the recommender's recent sets.
+pub fn newest_items(
+    latest: &std::collections::BTreeSet<(std::cmp::Reverse<u64>, u64)>,
+    k: usize,
+    names: &NameOrder,
+) -> Vec<(u64, u64)> {
+    // Take the newest k, plus everything tied with the k-th, then order ties by name.
+    let mut top: Vec<(u64, u64)> = Vec::with_capacity(k + 2);
+    for (std::cmp::Reverse(t), item) in latest {
+        if top.len() >= k && top.last().is_some_and(|(lt, _)| lt != t) {
+            break;
+        }
+        top.push((*t, *item));
+    }
+    top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| names(a.1, b.1)));
+    top.truncate(k);
+    top
+}
+
 /// Device types, declared in alphabetical order so that `Ord` sorts them as SPEC §4 lists them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Device {

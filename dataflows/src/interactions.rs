@@ -15,7 +15,7 @@
 //! Cost per event: O(log n + K) in the user's in-horizon touches. Memory: one entry per item
 //! event within the horizon, plus one record per (user, purchased item).
 
-use crate::event::{Event, NameOrder, PendingByTime, Time, UserKey};
+use crate::event::{newest_items, Event, NameOrder, PendingByTime, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
@@ -145,17 +145,7 @@ impl UserItems {
 
     /// The current recent set, sorted by item.
     fn recent(&self, k: usize, names: &NameOrder) -> Vec<(u64, u32)> {
-        // The newest k, plus everything tied with the k-th, then ties ordered by name.
-        let mut top: Vec<(u64, u64)> = Vec::with_capacity(k + 2);
-        for (Reverse(t), item) in &self.latest {
-            if top.len() >= k && top.last().is_some_and(|(lt, _)| lt != t) {
-                break;
-            }
-            top.push((*t, *item));
-        }
-        top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| names(a.1, b.1)));
-        top.truncate(k);
-        let mut out: Vec<(u64, u32)> = top
+        let mut out: Vec<(u64, u32)> = newest_items(&self.latest, k, names)
             .iter()
             .map(|(_, item)| (*item, self.items.get(item).map_or(0, Touches::weight)))
             .collect();

@@ -16,6 +16,10 @@
 //! | [`counts`] | 1-2 updates | one record per (user, type / device) |
 //! | [`windows`] | 2 updates, O(log pending) | one record per event within the widest window |
 //! | [`categories`] | O(1); a catalog change costs O(users of the item) | one record per (item, user) |
+//! | [`interactions`] | O(log n + K) | one entry per item event within the horizon; one per (user, purchased item) |
+//! | [`similar`] | O(K) pair updates; re-ranking an item is O(its co-items), once per refresh | one record per co-occurring pair; items × M neighbours per worker |
+//! | [`popular`] | O(1); re-ranking a list is O(its items), once per refresh | one record per event in the window |
+//! | [`recommend`] | nothing: a read costs O(K·M) | (reads the three above, and the catalog copied to every worker) |
 //!
 //! Every key routes by [`event::route_hash`] of the user, so one user's state is on one worker.
 
