@@ -198,11 +198,7 @@ fn run_serves_profiles_follows_the_log_and_reports_errors() {
         "{dead}"
     );
     assert_eq!(dead["raw"], "{not json");
-    let metrics = ureq::get(&format!("{}/metrics", engine.base))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = engine.metrics();
     assert!(
         metrics.contains("persona_dead_letters_total{reason=\"invalid_json\"} 1"),
         "{metrics}"
@@ -313,11 +309,7 @@ fn recommendations_and_similar_items_over_http() {
         assert_eq!(s, status, "{path}: {body}");
         assert!(body["error"]["code"].is_string(), "{path}: {body}");
     }
-    let metrics = ureq::get(&format!("{}/metrics", engine.base))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = engine.metrics();
     assert!(
         metrics.contains("persona_recommendation_exposures_total{strategy=\"item_item\"}"),
         "{metrics}"

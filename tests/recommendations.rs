@@ -72,17 +72,7 @@ fn serve(events: &[String], catalog: &[String], workers: usize, strategy: &str) 
         .chain(["nobody".to_string()])
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let (ev, cat) = (dir.path().join("e.jsonl"), dir.path().join("c.jsonl"));
-    std::fs::write(
-        &ev,
-        events.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
-    std::fs::write(
-        &cat,
-        catalog.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
+    let (ev, cat) = support::write_log(dir.path(), events, catalog);
     let s = settings(workers);
     let strategy = s.recommendations.as_ref().unwrap().strategies[strategy].clone();
     let replayed =

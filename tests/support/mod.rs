@@ -19,6 +19,20 @@ pub fn settings(workers: usize) -> Settings {
     s
 }
 
+/// Writes `events` and `catalog` lines to `events.jsonl` and `catalog.jsonl` in `dir`.
+pub fn write_log(
+    dir: &std::path::Path,
+    events: &[String],
+    catalog: &[String],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (ev, cat) = (dir.join("events.jsonl"), dir.join("catalog.jsonl"));
+    for (path, lines) in [(&ev, events), (&cat, catalog)] {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).unwrap();
+    }
+    (ev, cat)
+}
+
 /// Replays `events`/`catalog` lines in-process and returns the profiles as JSON values.
 pub fn replay_lines(
     events: &[String],
@@ -26,18 +40,7 @@ pub fn replay_lines(
     workers: usize,
 ) -> (Vec<serde_json::Value>, persona::replay::Summary) {
     let dir = tempfile::tempdir().unwrap();
-    let ev = dir.path().join("events.jsonl");
-    let cat = dir.path().join("catalog.jsonl");
-    std::fs::write(
-        &ev,
-        events.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
-    std::fs::write(
-        &cat,
-        catalog.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
+    let (ev, cat) = write_log(dir.path(), events, catalog);
     let dead = dir.path().join("dead.jsonl");
     let replayed = persona::replay::replay(settings(workers), &ev, Some(&cat), &dead, false)
         .expect("replay runs");

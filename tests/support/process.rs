@@ -52,6 +52,15 @@ pub fn spawn_listening(mut cmd: Command) -> Process {
 
 impl Process {
     /// GET `path`: status, JSON body (or the text as a JSON string), `x-persona-worker`.
+    /// `GET /metrics` as text.
+    pub fn metrics(&self) -> String {
+        ureq::get(&format!("{}/metrics", self.base))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
     pub fn get(&self, path: &str) -> (u16, Value, Option<String>) {
         let request = ureq::get(&format!("{}{path}", self.base)).timeout(Duration::from_secs(30));
         let response = match request.call() {
