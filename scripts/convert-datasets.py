@@ -15,13 +15,13 @@ Mappings (the datasets' READMEs suggest them):
     timestamp s -> ms; catalog category = category_id. event_id = "<file>:<line>".
   MovieLens rating -> product_view of item movieId; ts = timestamp * 1000; catalog category =
     first genre. event_id = "ml:<line>".
-  OTTO clicks/carts/orders -> product_view/add_to_cart/purchase; categories synthetic.
+  OTTO clicks/carts/orders -> product_view/add_to_cart/purchase; OTTO publishes no
+    categories, so catalog items have none.
 Raw files are read, never changed. Events are written in time order (ties: file order).
 """
 import csv
 import json
 import sys
-import zlib
 from pathlib import Path
 
 TAOBAO = {"pv": "product_view", "cart": "add_to_cart", "buy": "purchase", "fav": "fav"}
@@ -35,7 +35,10 @@ def write(out: Path, name: str, events: list, catalog: dict) -> None:
             f.write(json.dumps(e, separators=(",", ":")) + "\n")
     with open(out / f"{name}-catalog.jsonl", "w") as f:
         for item in sorted(catalog):
-            f.write(json.dumps({"item_id": item, "category": catalog[item]}, separators=(",", ":")) + "\n")
+            record = {"item_id": item}
+            if catalog[item] is not None:
+                record["category"] = catalog[item]
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
     print(f"{name}: {len(events)} events, {len(catalog)} catalog items")
 
 
@@ -73,7 +76,7 @@ def otto(path: Path):
         for i, e in enumerate(session["events"]):
             events.append({"event_id": f"otto-{sid}-{i}", "user_id": f"otto-{sid}", "type": OTTO[e["type"]],
                            "ts": e["ts"], "item_id": str(e["aid"])})
-            catalog[str(e["aid"])] = f"group-{zlib.crc32(str(e['aid']).encode()) % 12:02d}"
+            catalog[str(e["aid"])] = None
     return events, catalog
 
 

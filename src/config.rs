@@ -225,6 +225,8 @@ pub struct StrategyConfig {
     pub kind: String,
     /// Never recommend the user's recent items (purchases are never recommended).
     pub exclude_seen: bool,
+    /// Do recommend the recent items the user came back to, even with `exclude_seen`.
+    pub returned: bool,
     /// Candidates in the user's categories score up to `1 + category_boost` times higher.
     pub category_boost: f64,
 }
@@ -234,6 +236,7 @@ impl Default for StrategyConfig {
         StrategyConfig {
             kind: "item_item".into(),
             exclude_seen: true,
+            returned: false,
             category_boost: 0.5,
         }
     }
@@ -421,6 +424,7 @@ impl RecommendSettings {
                 Strategy {
                     kind,
                     exclude_seen: s.exclude_seen,
+                    returned: s.returned,
                     category_boost: s.category_boost,
                 },
             );

@@ -232,6 +232,9 @@ fn wall_ms() -> u64 {
 struct Inputs {
     events: Option<InputSession<Time, Event, isize>>,
     catalog: Option<InputSession<Time, (u64, u64), isize>>,
+    /// Refresh ticks for the recommenders' neighbours and trending lists; `None` when they
+    /// move at every time.
+    refresh: Option<InputSession<Time, (), isize>>,
 }
 
 impl Inputs {
@@ -242,14 +245,29 @@ impl Inputs {
                 c.advance_to(t);
             }
         }
+        if let Some(r) = self.refresh.as_mut() {
+            if t > *r.time() {
+                r.advance_to(t);
+            }
+        }
     }
     fn flush(&mut self) {
         if let (Some(e), Some(c)) = (self.events.as_mut(), self.catalog.as_mut()) {
             e.flush();
             c.flush();
         }
+        if let Some(r) = self.refresh.as_mut() {
+            r.flush();
+        }
     }
-    /// Releases the inputs' capabilities: the engine clock no longer waits for this worker.
+    /// A refresh tick at the current time.
+    fn tick(&mut self) {
+        if let Some(r) = self.refresh.as_mut() {
+            r.update((), 1);
+        }
+    }
+    /// Releases the event and catalog inputs' capabilities: the engine clock no longer waits
+    /// for this worker's sources. Refresh ticks go on: the worker still owns users.
     fn close(&mut self) {
         self.events = None;
         self.catalog = None;
@@ -446,7 +464,19 @@ fn run_worker(
     let recommend_config = settings
         .recommendations
         .as_ref()
-        .map(|r| recommend_config(r, shared, replay));
+        .map(|r| recommend_config(r, shared));
+    // Replay ticks once, at its final time: its result must not depend on where batches fall,
+    // and re-ranking at every batch would cost as much as the rest of the engine.
+    let refresh_ticks = settings
+        .recommendations
+        .as_ref()
+        .is_some_and(|r| replay || r.refresh_ms > 1);
+    let refresh_every = settings
+        .recommendations
+        .as_ref()
+        .map(|r| r.refresh_ms)
+        .filter(|_| refresh_ticks && !replay);
+    let mut last_refresh = 0u64;
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
     let (mut inputs, mut traces, mut recommend, probe): (
@@ -457,11 +487,18 @@ fn run_worker(
     ) = worker.dataflow::<Time, _, _>(|scope| {
         let (events_in, raw) = scope.new_collection::<Event, isize>();
         let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
+        let (refresh_in, refresh) = if refresh_ticks {
+            let (input, ticks) = scope.new_collection::<(), isize>();
+            (Some(input), Some(ticks))
+        } else {
+            (None, None)
+        };
         let views = profiles(
             raw,
             catalog,
             &view_config,
             recommend_config.as_ref(),
+            refresh.as_ref(),
             observer,
         );
         let (probe, _) = views.basics.stream.clone().probe();
@@ -477,6 +514,7 @@ fn run_worker(
             Inputs {
                 events: Some(events_in),
                 catalog: Some(catalog_in),
+                refresh: refresh_in,
             },
             ProfileTraces {
                 basics: views.basics.trace,
@@ -652,7 +690,16 @@ fn run_worker(
         {
             let last = shared.max_ts.load(Ordering::Acquire);
             final_time = Some(last);
+            inputs.advance_to(last);
+            inputs.tick();
             clock = clock.max(last + 1);
+        }
+        if let Some(every) = refresh_every {
+            if clock / every > last_refresh / every {
+                last_refresh = clock;
+                inputs.advance_to(clock);
+                inputs.tick();
+            }
         }
         inputs.advance_to(clock);
         status.clock.store(clock, Ordering::Relaxed);
@@ -774,15 +821,9 @@ fn run_worker(
 }
 
 /// The recommendation views' configuration, from the settings.
-fn recommend_config(
-    r: &crate::config::RecommendSettings,
-    shared: &Shared,
-    replay: bool,
-) -> RecommendConfig {
+fn recommend_config(r: &crate::config::RecommendSettings, shared: &Shared) -> RecommendConfig {
     let names = shared.names.order();
     let milli = |w: f64| (w * 1000.0).round().clamp(0.0, f64::from(u32::MAX)) as u32;
-    // Replay re-ranks at every time: its result must not depend on where batches fall.
-    let refresh_ms = if replay { 0 } else { r.refresh_ms };
     RecommendConfig {
         interactions: InteractionConfig {
             recent_items: r.recent_items,
@@ -801,13 +842,11 @@ fn recommend_config(
             neighbours: r.neighbours,
             similarity: r.similarity,
             min_cooccurrence: r.min_cooccurrence,
-            refresh_ms,
             names: names.clone(),
         },
         popular: PopularConfig {
             window_ms: r.popular_window_ms,
             size: r.popular_size,
-            refresh_ms,
             names,
         },
     }

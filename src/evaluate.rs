@@ -1,12 +1,14 @@
 //! `persona evaluate`: offline evaluation of the recommendation strategies on a log.
 //!
 //! The log is split in time, globally (`--split-at` a timestamp) or per user (a fraction): the
-//! training events are replayed through the
-//! engine exactly as `persona replay` would, the rest are held out. Each user
-//! with held-out interactions on items they did not touch in training is asked for 10
+//! training events are replayed through the engine exactly as `persona replay` would, the
+//! rest are held out. Each user with held-out item interactions is asked for k
 //! recommendations under every configured strategy; precision@k, recall@k and NDCG@k are
-//! averaged over those users. Re-interactions with training items are not counted as hits:
-//! recommending what a user just viewed is trivial, and `exclude_seen` strategies never do.
+//! averaged over those users, under two definitions of the relevant items:
+//! * `all`: every item the user interacts with in the held-out part, the ones they come back
+//!   to included (shoppers re-view and re-buy);
+//! * `new`: only the held-out items the user did not touch in training (users without any
+//!   are left out), where showing a user what they just viewed cannot score.
 
 use crate::config::Settings;
 use crate::names::Names;
@@ -38,10 +40,28 @@ pub struct EvaluateArgs {
     pub label: Option<String>,
 }
 
+/// Which held-out items count as relevant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Relevant {
+    All,
+    New,
+}
+
+impl std::fmt::Display for Relevant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Relevant::All => "all",
+            Relevant::New => "new",
+        })
+    }
+}
+
 /// Averages over the evaluated users of one strategy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scores {
     pub users: usize,
+    /// Of `users`, those with training history (the rest are cold starts).
+    pub warm: usize,
     pub precision: f64,
     pub recall: f64,
     pub ndcg: f64,
@@ -72,9 +92,7 @@ pub struct Evaluation {
     pub split: Split,
     pub train_events: usize,
     pub test_events: usize,
-    /// Evaluated users that have training history (the rest are cold starts).
-    pub warm_users: usize,
-    pub strategies: BTreeMap<String, Scores>,
+    pub strategies: BTreeMap<(Relevant, String), Scores>,
 }
 
 fn lines(path: &Path) -> Result<Vec<Vec<u8>>> {
@@ -190,21 +208,20 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
     if train_events == 0 || test_events == 0 {
         bail!("the split {split} leaves {train_events} training and {test_events} held-out events; both must be non-empty");
     }
-    // Relevant: held-out items new to the user.
-    let mut users: Vec<(u64, HashSet<u64>)> = held_out
+    // user → (all held-out items, those new to the user)
+    let mut users: Vec<(u64, HashSet<u64>, HashSet<u64>)> = held_out
         .into_iter()
         .map(|(user, items)| {
             let old = seen.get(&user);
             let new: HashSet<u64> = items
-                .into_iter()
+                .iter()
+                .copied()
                 .filter(|i| old.is_none_or(|o| !o.contains(i)))
                 .collect();
-            (user, new)
+            (user, items, new)
         })
-        .filter(|(_, items)| !items.is_empty())
         .collect();
-    users.sort_unstable_by_key(|(u, _)| *u);
-    let warm_users = users.iter().filter(|(u, _)| seen.contains_key(u)).count();
+    users.sort_unstable_by_key(|(u, _, _)| *u);
 
     let replayed = crate::replay::replay(
         settings,
@@ -217,8 +234,9 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
     let mut strategies = BTreeMap::new();
     let result = (|| -> Result<()> {
         for (name, strategy) in &rec.strategies {
-            let (mut p, mut r, mut n) = (0.0, 0.0, 0.0);
-            for (user, relevant) in &users {
+            // per protocol: (users, warm users, precision, recall, NDCG) summed
+            let mut sums = [(0usize, 0usize, 0.0, 0.0, 0.0); 2];
+            for (user, all, new) in &users {
                 let ask = Ask::Recommend {
                     strategy: strategy.clone(),
                     limit: args.k,
@@ -231,21 +249,30 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
                     other => bail!("no recommendations for a user: {other:?}"),
                 };
                 let list: Vec<u64> = items.iter().map(|s| s.item).collect();
-                let (dp, dr, dn) = score_list(&list, relevant, args.k);
-                p += dp;
-                r += dr;
-                n += dn;
+                let warm = usize::from(seen.contains_key(user));
+                for (sum, relevant) in sums.iter_mut().zip([all, new]) {
+                    if relevant.is_empty() {
+                        continue;
+                    }
+                    let (p, r, n) = score_list(&list, relevant, args.k);
+                    *sum = (sum.0 + 1, sum.1 + warm, sum.2 + p, sum.3 + r, sum.4 + n);
+                }
             }
-            let count = users.len().max(1) as f64;
-            strategies.insert(
-                name.clone(),
-                Scores {
-                    users: users.len(),
-                    precision: p / count,
-                    recall: r / count,
-                    ndcg: n / count,
-                },
-            );
+            for (protocol, (count, warm, p, r, n)) in
+                [Relevant::All, Relevant::New].into_iter().zip(sums)
+            {
+                let div = count.max(1) as f64;
+                strategies.insert(
+                    (protocol, name.clone()),
+                    Scores {
+                        users: count,
+                        warm,
+                        precision: p / div,
+                        recall: r / div,
+                        ndcg: n / div,
+                    },
+                );
+            }
         }
         Ok(())
     })();
@@ -264,7 +291,6 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
         split,
         train_events,
         test_events,
-        warm_users,
         strategies,
     })
 }
@@ -272,10 +298,10 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
 /// The evaluation as Markdown table rows (see [`TABLE_HEADER`]).
 pub fn table_rows(e: &Evaluation) -> String {
     let mut out = String::new();
-    for (name, s) in &e.strategies {
+    for ((relevant, name), s) in &e.strategies {
         out.push_str(&format!(
-            "| {} | {} | {} ({} warm) | {:.4} | {:.4} | {:.4} |\n",
-            e.label, name, s.users, e.warm_users, s.precision, s.recall, s.ndcg
+            "| {} | {} | {} | {} ({} warm) | {:.4} | {:.4} | {:.4} |\n",
+            e.label, relevant, name, s.users, s.warm, s.precision, s.recall, s.ndcg
         ));
     }
     out
@@ -283,6 +309,6 @@ pub fn table_rows(e: &Evaluation) -> String {
 
 pub fn table_header(k: usize) -> String {
     format!(
-        "| log | strategy | users | precision@{k} | recall@{k} | NDCG@{k} |\n|---|---|---|---|---|---|\n"
+        "| log | relevant | strategy | users | precision@{k} | recall@{k} | NDCG@{k} |\n|---|---|---|---|---|---|---|\n"
     )
 }

@@ -6,6 +6,7 @@
 //! vanishingly unlikely (about 2^-64 per pair); it is not detected.
 
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 use persona_dataflows::{NameOrder, NO_ITEM};
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ pub fn hash(s: &str) -> u64 {
 /// Shared hash → string table.
 #[derive(Clone, Default)]
 pub struct Names {
-    table: Arc<DashMap<u64, Arc<str>>>,
+    table: Arc<DashMap<u64, Arc<str>, RandomState>>,
 }
 
 impl Names {

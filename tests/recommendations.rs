@@ -5,7 +5,7 @@
 
 mod support;
 
-use persona::config::{ClockMode, Config, Settings};
+use persona::config::{ClockMode, Config, Settings, StrategyConfig};
 use persona::query::{Answer, Ask};
 use proptest::prelude::*;
 use serde_json::json;
@@ -28,7 +28,8 @@ const KINDS: [&str; 5] = [
 const CATEGORIES: [&str; 3] = ["shoes", "bags", "hats"];
 const LIMIT: usize = 5;
 
-fn params() -> Params {
+/// The reference's parameters for a strategy of [`settings`].
+fn params(strategy: &str) -> Params {
     Params {
         k: 3,
         horizon: 2 * DAY,
@@ -37,12 +38,13 @@ fn params() -> Params {
         window: DAY,
         popular_size: 4,
         exclude_seen: true,
+        returned: strategy == "returned",
         boost: 0.5,
     }
 }
 
 fn settings(workers: usize) -> Settings {
-    let p = params();
+    let p = params("item_item");
     let mut c = Config::default();
     c.engine.workers = workers;
     c.engine.dedup_horizon = "365d".into();
@@ -53,6 +55,13 @@ fn settings(workers: usize) -> Settings {
     r.min_cooccurrence = p.min_co;
     r.popular_window = "1d".into();
     r.popular_size = p.popular_size;
+    r.strategies.insert(
+        "returned".into(),
+        StrategyConfig {
+            returned: true,
+            ..StrategyConfig::default()
+        },
+    );
     let mut s = Settings::from_config(&c).expect("valid settings");
     s.clock = ClockMode::Event;
     s
@@ -145,7 +154,7 @@ fn check(events: &[String], catalog: &[String], workers: usize, strategy: &str) 
     let (served, similar) = serve(events, catalog, workers, strategy);
     let kept: Vec<reference::Ev> = reference::accepted(events).0.into_values().collect();
     let cat = reference::catalog(catalog);
-    let p = params();
+    let p = params(strategy);
     let now = served["nobody"].0;
     let model = Model::new(&kept, &cat, now, &p);
     for (user, (as_of, items)) in &served {
@@ -240,6 +249,7 @@ proptest! {
             check(&case.events, &case.catalog, workers, "item_item");
         }
         check(&case.events, &case.catalog, 2, "popular");
+        check(&case.events, &case.catalog, 2, "returned");
     }
 }
 

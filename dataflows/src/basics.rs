@@ -22,9 +22,10 @@
 
 use crate::event::{newest_items, Device, Event, NameOrder, PendingByTime, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 
@@ -249,7 +250,7 @@ pub fn basics<'s>(
         .inner
         .unary_frontier(pact, "Basics", move |_cap, _info| {
             let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
-            let mut users: HashMap<u64, UserState> = HashMap::new();
+            let mut users: HashMap<u64, UserState> = HashMap::default();
             let mut touched: Vec<u64> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {

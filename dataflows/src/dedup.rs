@@ -17,7 +17,8 @@
 
 use crate::event::{Event, PendingByTime, Time};
 use differential_dataflow::{AsCollection, VecCollection};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use foldhash::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -45,7 +46,7 @@ pub fn dedup<'s>(
         .inner
         .unary_frontier(pact, "Dedup", move |_cap, _info| {
             let mut pending: PendingByTime<Event> = BTreeMap::new();
-            let mut seen: HashMap<u64, Entry> = HashMap::new();
+            let mut seen: HashMap<u64, Entry> = HashMap::default();
             let mut expiry: VecDeque<(Time, u64)> = VecDeque::new();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {

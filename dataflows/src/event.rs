@@ -40,6 +40,33 @@ pub fn newest_items(
     top
 }
 
+/// The `k` entries with the largest keys, largest first, ties by item id string. Selects before
+/// it sorts, and compares names only among ties: rankings over thousands of items (trending
+/// lists, an item's co-occurrences) would otherwise spend most of their time looking names up.
+pub fn largest<K: Ord + Copy>(
+    mut entries: Vec<(K, u64)>,
+    k: usize,
+    names: &NameOrder,
+) -> Vec<(K, u64)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    if entries.len() > k {
+        entries.select_nth_unstable_by(k - 1, |a, b| b.0.cmp(&a.0));
+        let cut = entries[k - 1].0;
+        let (mut kept, mut tied): (Vec<_>, Vec<_>) = entries
+            .into_iter()
+            .filter(|e| e.0 >= cut)
+            .partition(|e| e.0 > cut);
+        tied.sort_by(|a, b| names(a.1, b.1));
+        tied.truncate(k - kept.len());
+        kept.append(&mut tied);
+        entries = kept;
+    }
+    entries.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| names(a.1, b.1)));
+    entries
+}
+
 /// Device types, declared in alphabetical order so that `Ord` sorts them as SPEC §4 lists them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Device {

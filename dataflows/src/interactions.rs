@@ -4,7 +4,8 @@
 //!
 //! "Recent" at time `now` means an item event with `now - horizon < ts`; the set holds the K
 //! items with the latest such touch (newest first, ties by item id string), and an item's
-//! weight is the largest type weight among its in-horizon touches. Touches age out at
+//! weight is the largest type weight among its in-horizon touches; it is `returned` when the
+//! user touched it in two or more events within the horizon. Touches age out at
 //! `ts + horizon` on a timer, so the set is exact at every time, late events and retractions
 //! included.
 //!
@@ -17,9 +18,10 @@
 
 use crate::event::{newest_items, Event, NameOrder, PendingByTime, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -28,8 +30,13 @@ use timely::dataflow::operators::Capability;
 /// What a user's recommendations are computed from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Affinity {
-    /// An item of the user's recent set, with its weight in thousandths.
-    Recent { item: u64, weight: u32 },
+    /// An item of the user's recent set, with its weight in thousandths, and whether the user
+    /// came back to it (two or more in-horizon touches).
+    Recent {
+        item: u64,
+        weight: u32,
+        returned: bool,
+    },
     /// An item the user bought (never recommended to them).
     Purchased(u64),
 }
@@ -72,6 +79,9 @@ impl Touches {
     fn weight(&self) -> u32 {
         self.weights.keys().next_back().copied().unwrap_or(0)
     }
+    fn returned(&self) -> bool {
+        self.times.len() > 1
+    }
     fn unweigh(&mut self, w: u32, n: u64) {
         if let Some(c) = self.weights.get_mut(&w) {
             *c = c.saturating_sub(n);
@@ -87,8 +97,8 @@ struct UserItems {
     items: HashMap<u64, Touches>,
     /// `(latest ts, item)` of every item with in-horizon touches.
     latest: BTreeSet<(Reverse<u64>, u64)>,
-    /// The recent set last emitted, `(item, weight)` sorted by item.
-    emitted: Vec<(u64, u32)>,
+    /// The recent set last emitted, `(item, weight, returned)` sorted by item.
+    emitted: Vec<(u64, u32, bool)>,
 }
 
 impl UserItems {
@@ -144,10 +154,17 @@ impl UserItems {
     }
 
     /// The current recent set, sorted by item.
-    fn recent(&self, k: usize, names: &NameOrder) -> Vec<(u64, u32)> {
-        let mut out: Vec<(u64, u32)> = newest_items(&self.latest, k, names)
+    fn recent(&self, k: usize, names: &NameOrder) -> Vec<(u64, u32, bool)> {
+        let mut out: Vec<(u64, u32, bool)> = newest_items(&self.latest, k, names)
             .iter()
-            .map(|(_, item)| (*item, self.items.get(item).map_or(0, Touches::weight)))
+            .map(|(_, item)| {
+                let touches = self.items.get(item);
+                (
+                    *item,
+                    touches.map_or(0, Touches::weight),
+                    touches.is_some_and(Touches::returned),
+                )
+            })
             .collect();
         out.sort_unstable();
         out
@@ -176,7 +193,7 @@ pub fn interactions<'s>(
         .inner
         .unary_frontier(pact, "RecentItems", move |_cap, _info| {
             let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
-            let mut users: HashMap<u64, UserItems> = HashMap::new();
+            let mut users: HashMap<u64, UserItems> = HashMap::default();
             let mut expiries: BinaryHeap<Expiry> = BinaryHeap::new();
             let mut held: Option<Capability<Time>> = None;
             let mut touched: Vec<u64> = Vec::new();
@@ -301,8 +318,12 @@ pub fn interactions<'s>(
     recent.concat(purchases)
 }
 
-fn recent((item, weight): (u64, u32)) -> Affinity {
-    Affinity::Recent { item, weight }
+fn recent((item, weight, returned): (u64, u32, bool)) -> Affinity {
+    Affinity::Recent {
+        item,
+        weight,
+        returned,
+    }
 }
 
 #[cfg(test)]
@@ -310,20 +331,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recent_set_keeps_the_newest_k_with_their_strongest_weight() {
+    fn recent_set_keeps_the_newest_k_with_their_strongest_weight_and_returns() {
         let names: NameOrder = Arc::new(|a: u64, b: u64| a.cmp(&b));
         let mut u = UserItems::default();
         u.apply(10, 1, 1, 1000, 1);
         u.apply(11, 2, 2, 1000, 1);
         u.apply(10, 3, 3, 5000, 1);
         u.apply(12, 3, 4, 1000, 1);
-        assert_eq!(u.recent(2, &names), vec![(10, 5000), (12, 1000)]);
+        assert_eq!(
+            u.recent(2, &names),
+            vec![(10, 5000, true), (12, 1000, false)]
+        );
         // The strong touch is retracted: the item keeps its weaker one, and its latest ts falls.
         u.apply(10, 3, 3, 5000, -1);
-        assert_eq!(u.recent(2, &names), vec![(11, 1000), (12, 1000)]);
+        assert_eq!(
+            u.recent(2, &names),
+            vec![(11, 1000, false), (12, 1000, false)]
+        );
         u.expire(11, 2, 2);
         u.expire(12, 3, 4);
-        assert_eq!(u.recent(2, &names), vec![(10, 1000)]);
+        assert_eq!(u.recent(2, &names), vec![(10, 1000, false)]);
         u.expire(10, 1, 1);
         assert!(u.items.is_empty() && u.latest.is_empty());
     }

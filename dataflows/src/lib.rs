@@ -43,3 +43,4 @@ pub use popular::{Popular, PopularConfig};
 pub use profile::{profiles, Feature, ProfileState, ProfileTraces, ReadError, ViewConfig, Views};
 pub use recommend::{Reason, RecommendConfig, RecommendTraces, Scored, Strategy, StrategyKind};
 pub use similar::{Neighbour, SimilarConfig, Similarity};
+pub use windows::Ticks;

@@ -6,12 +6,12 @@
 //! to users without history (cold start) and to fill lists that item-item leaves short.
 //!
 //! Cost: O(1) per event for the item counts. Ranking a category reads all its items in the
-//! window, so counts move on the coarse refresh clock ([`crate::windows::coarsen`]) and each
-//! list is re-ranked at most once per refresh. Memory: one record per event within the window,
+//! window, so counts move only on refresh ticks ([`crate::windows::refreshed`]) and each list
+//! is re-ranked at most once per refresh. Memory: one record per event within the window,
 //! one count per item.
 
-use crate::event::{Event, NameOrder, Time};
-use crate::windows::{coarsen, release_when_due};
+use crate::event::{largest, Event, NameOrder, Time};
+use crate::windows::{refreshed, release_when_due, Ticks};
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,6 @@ pub struct PopularConfig {
     pub window_ms: u64,
     /// Items kept per list.
     pub size: usize,
-    pub refresh_ms: u64,
     pub names: NameOrder,
 }
 
@@ -38,6 +37,7 @@ pub struct Popular {
 pub fn popular<'s>(
     events: VecCollection<'s, Time, Event>,
     catalog: VecCollection<'s, Time, (u64, u64)>,
+    refresh: Option<&Ticks<'s>>,
     config: &PopularConfig,
 ) -> VecCollection<'s, Time, (u64, Popular)> {
     let window = config.window_ms;
@@ -47,7 +47,7 @@ pub fn popular<'s>(
             (e.item, e.ts.saturating_add(window), -1),
         ]
     }));
-    let counts = coarsen(counted, config.refresh_ms).count();
+    let counts = refreshed(counted, refresh).count();
     let by_category = counts
         .clone()
         .join_map(catalog, |item, n, category| (*category, (*n, *item)));
@@ -56,14 +56,12 @@ pub fn popular<'s>(
     by_category
         .concat(overall)
         .reduce_named("TopPopular", move |_category, input, output| {
-            let mut ranked: Vec<(isize, u64)> = input
+            let ranked: Vec<(isize, u64)> = input
                 .iter()
                 .filter(|(_, d)| *d > 0)
                 .map(|((n, item), _)| (*n, *item))
                 .collect();
-            ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| names(a.1, b.1)));
-            ranked.truncate(size);
-            output.extend(ranked.into_iter().map(|(n, item)| {
+            output.extend(largest(ranked, size, &names).into_iter().map(|(n, item)| {
                 (
                     Popular {
                         item,

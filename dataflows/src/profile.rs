@@ -12,7 +12,8 @@
 use crate::basics::{self, Basics};
 use crate::event::{route_hash, Device, Event, NameOrder, Time, UserKey};
 use crate::recommend::{recommendation_views, RecommendConfig, RecommendViews};
-use crate::{categories, counts, dedup, windows};
+use crate::windows::{self, Ticks};
+use crate::{categories, counts, dedup};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::{cursor_list, Cursor, CursorList, Navigable};
 use differential_dataflow::trace::implementations::ValSpine;
@@ -68,12 +69,14 @@ pub struct Views<'s> {
     pub recommend: Option<RecommendViews<'s>>,
 }
 
-/// Builds every view from raw (not yet de-duplicated) events and the catalog.
+/// Builds every view from raw (not yet de-duplicated) events and the catalog; `refresh` ticks
+/// move the recommenders' neighbours and trending lists (`None`: at every time).
 pub fn profiles<'s>(
     raw: VecCollection<'s, Time, Event>,
     catalog: VecCollection<'s, Time, (u64, u64)>,
     config: &ViewConfig,
     recommend: Option<&RecommendConfig>,
+    refresh: Option<&Ticks<'s>>,
     stats: Arc<dyn dedup::DedupObserver>,
 ) -> Views<'s> {
     // One move to the user's worker; every view downstream is keyed by user, so their own
@@ -89,7 +92,8 @@ pub fn profiles<'s>(
         config.names.clone(),
     )
     .arrange_by_key_named("Arrange: basics");
-    let recommend = recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), r));
+    let recommend =
+        recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), refresh, r));
     let features = counts::counts(events.clone())
         .concat(windows::windows(events.clone(), config.window_retention_ms))
         .concat(categories::categories(events, catalog))

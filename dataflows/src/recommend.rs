@@ -12,7 +12,10 @@
 //!
 //! Scoring (item-item): `score(c) = Σ weight(r) · sim(r, c)` over the user's recent items `r`
 //! (summed in item-id order, so the float result is reproducible); the `reason` is the `r`
-//! with the largest term. With a category boost `b`, a candidate whose catalog category holds
+//! with the largest term. A strategy with `returned` also recommends the recent items the user
+//! came back to (two or more touches within the horizon), each its own neighbour with
+//! similarity 1 (SAR's diagonal under Jaccard), even when `exclude_seen`: people return to what
+//! they returned to. With a category boost `b`, a candidate whose catalog category holds
 //! share `s` of the user's categorised item events scores `score · (1 + b·s)`. Purchased items,
 //! and with `exclude_seen` the recent items, are never returned. Lists shorter than asked are
 //! filled from the trending list of the user's top category, then from the overall one.
@@ -22,13 +25,14 @@ use crate::interactions::{self, Affinity, InteractionConfig};
 use crate::popular::{self, Popular, PopularConfig, ALL};
 use crate::profile::ReadError;
 use crate::similar::{self, Neighbour, SimilarConfig};
+use crate::windows::Ticks;
 use differential_dataflow::operators::arrange::arrangement::arrange_core;
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::{cursor_list, Cursor};
 use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
 use differential_dataflow::trace::TraceReader;
 use differential_dataflow::{ExchangeData, VecCollection};
-use std::collections::HashMap;
+use foldhash::HashMap;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::progress::Antichain;
@@ -88,15 +92,17 @@ where
 }
 
 /// Builds the recommendation views from de-duplicated events (already on their user's worker)
-/// and the catalog `(item, category)`.
+/// and the catalog `(item, category)`. Neighbours and trending lists move on `refresh` ticks
+/// (`None`: at every time).
 pub fn recommendation_views<'s>(
     events: VecCollection<'s, Time, crate::Event>,
     catalog: VecCollection<'s, Time, (u64, u64)>,
+    refresh: Option<&Ticks<'s>>,
     config: &RecommendConfig,
 ) -> RecommendViews<'s> {
     let affinity = interactions::interactions(events.clone(), &config.interactions);
-    let neighbours = similar::similar_items(affinity.clone(), &config.similar);
-    let popular = popular::popular(events, catalog.clone(), &config.popular);
+    let neighbours = similar::similar_items(affinity.clone(), refresh, &config.similar);
+    let popular = popular::popular(events, catalog.clone(), refresh, &config.popular);
     RecommendViews {
         affinity: affinity.arrange_by_key_named("Arrange: affinity"),
         neighbours: replicated(neighbours, "Replicate: neighbours"),
@@ -118,6 +124,8 @@ pub enum StrategyKind {
 pub struct Strategy {
     pub kind: StrategyKind,
     pub exclude_seen: bool,
+    /// Recommend the recent items the user came back to (item-item only).
+    pub returned: bool,
     pub category_boost: f64,
 }
 
@@ -126,6 +134,8 @@ pub struct Strategy {
 pub enum Reason {
     /// Co-occurs with this recent item of the user's.
     Similar(u64),
+    /// A recent item the user came back to.
+    Returned,
     /// Trending in this category (`None`: overall).
     Popular(Option<u64>),
 }
@@ -267,13 +277,18 @@ impl RecommendTraces {
         limit: usize,
         names: &NameOrder,
     ) -> Result<Vec<Scored>, ReadError> {
-        let mut recent: Vec<(u64, u32)> = Vec::new();
+        let returns = strategy.returned && strategy.kind == StrategyKind::ItemItem;
+        let mut recent: Vec<(u64, u32, bool)> = Vec::new();
         let mut excluded: Vec<u64> = Vec::new();
         for (a, _) in values_at(&mut self.affinity, &UserKey(user), as_of)? {
             match a {
-                Affinity::Recent { item, weight } => {
-                    recent.push((item, weight));
-                    if strategy.exclude_seen {
+                Affinity::Recent {
+                    item,
+                    weight,
+                    returned,
+                } => {
+                    recent.push((item, weight, returned && returns));
+                    if strategy.exclude_seen && !(returned && returns) {
                         excluded.push(item);
                     }
                 }
@@ -285,11 +300,15 @@ impl RecommendTraces {
         let mut out: Vec<Scored> = Vec::new();
         if strategy.kind == StrategyKind::ItemItem {
             recent.sort_by(|a, b| names(a.0, b.0));
-            // candidate → (score, best term, its recent item)
-            let mut scores: HashMap<u64, (f64, f64, u64)> = HashMap::new();
-            for (r, weight) in &recent {
+            // candidate → (score, best term, its recent item; the candidate itself: returned)
+            let mut scores: HashMap<u64, (f64, f64, u64)> = HashMap::default();
+            for (r, weight, returned) in &recent {
                 let w = f64::from(*weight) / 1000.0;
-                for n in self.similar(*r, as_of, names)? {
+                let own = returned.then_some(Neighbour {
+                    item: *r,
+                    sim_bits: 1f64.to_bits(),
+                });
+                for n in self.similar(*r, as_of, names)?.into_iter().chain(own) {
                     if is_excluded(n.item) {
                         continue;
                     }
@@ -316,7 +335,11 @@ impl RecommendTraces {
                 out.push(Scored {
                     item,
                     score,
-                    reason: Reason::Similar(because),
+                    reason: if because == item {
+                        Reason::Returned
+                    } else {
+                        Reason::Similar(because)
+                    },
                 });
             }
             out.sort_by(|a, b| {

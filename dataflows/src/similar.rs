@@ -10,13 +10,14 @@
 //!
 //! Cost: a change to one user's recent set is K pair updates (a self-join on the user, whose
 //! set holds at most K items). Re-ranking an item's neighbours reads all its co-occurring
-//! items, which grows with its popularity, so pair and item counts move on a coarser clock
-//! ([`crate::windows::coarsen`], `refresh_ms`): each item is re-ranked at most once per
-//! refresh, whatever the event rate. Memory: one record per co-occurring pair.
+//! items, which grows with its popularity, so pair and item counts move only on refresh ticks
+//! ([`crate::windows::refreshed`]): each item is re-ranked at most once per refresh, whatever
+//! the event rate, and pair updates that cancel within a refresh cost nothing downstream.
+//! Memory: one record per co-occurring pair.
 
-use crate::event::{NameOrder, Time, UserKey};
+use crate::event::{largest, NameOrder, Time, UserKey};
 use crate::interactions::Affinity;
-use crate::windows::coarsen;
+use crate::windows::{refreshed, Ticks};
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 
@@ -49,8 +50,6 @@ pub struct SimilarConfig {
     pub neighbours: usize,
     pub similarity: Similarity,
     pub min_cooccurrence: u64,
-    /// Pair and item counts move on multiples of this (0: every time).
-    pub refresh_ms: u64,
     pub names: NameOrder,
 }
 
@@ -79,6 +78,7 @@ enum Counted {
 /// `(item, neighbour)` for every item with at least one neighbour.
 pub fn similar_items<'s>(
     affinity: VecCollection<'s, Time, (UserKey, Affinity)>,
+    refresh: Option<&Ticks<'s>>,
     config: &SimilarConfig,
 ) -> VecCollection<'s, Time, (u64, Neighbour)> {
     let user_items = affinity.flat_map(|(user, a)| match a {
@@ -93,8 +93,8 @@ pub fn similar_items<'s>(
         .join_core(by_user, |_user, i: &u64, j: &u64| {
             (i != j).then_some((*j, *i))
         });
-    let pairs = coarsen(pairs, config.refresh_ms);
-    let counts = coarsen(user_items.map(|(_, item)| item), config.refresh_ms).count();
+    let pairs = refreshed(pairs, refresh);
+    let counts = refreshed(user_items.map(|(_, item)| item), refresh).count();
     // (j, i) × (j, c(j)) → (i, Co(j, c(j))) with multiplicity c(i, j).
     let co = pairs.join_map(counts.clone(), |j, i, cj| (*i, Counted::Co(*j, *cj as u64)));
     let own = counts.map(|(i, c)| (i, Counted::Own(c as u64)));
@@ -112,7 +112,8 @@ pub fn similar_items<'s>(
             }) else {
                 return;
             };
-            let mut scored: Vec<(f64, u64)> = input
+            // Positive finite f64s order as their bits do.
+            let scored: Vec<(u64, u64)> = input
                 .iter()
                 .filter_map(|(v, both)| match v {
                     Counted::Co(j, cj) if *both > 0 && *both as u64 >= min_co => {
@@ -121,17 +122,12 @@ pub fn similar_items<'s>(
                     _ => None,
                 })
                 .filter(|(s, _)| s.is_finite() && *s > 0.0)
+                .map(|(s, j)| (s.to_bits(), j))
                 .collect();
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| names(a.1, b.1)));
-            scored.truncate(m);
-            output.extend(scored.into_iter().map(|(s, item)| {
-                (
-                    Neighbour {
-                        item,
-                        sim_bits: s.to_bits(),
-                    },
-                    1isize,
-                )
-            }));
+            output.extend(
+                largest(scored, m, &names)
+                    .into_iter()
+                    .map(|(sim_bits, item)| (Neighbour { item, sim_bits }, 1isize)),
+            );
         })
 }

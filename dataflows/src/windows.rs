@@ -17,11 +17,11 @@
 use crate::event::{Event, Time, UserKey};
 use crate::profile::Feature;
 use differential_dataflow::{AsCollection, VecCollection};
+use foldhash::HashMap;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Capability;
 
 pub fn windows<'s>(
@@ -100,19 +100,99 @@ pub fn release_when_due<'s, D: differential_dataflow::Data>(
         .as_collection()
 }
 
-/// Moves every update to the next multiple of `refresh_ms` at or after its time (identity for
-/// 0 or 1), held back until due: downstream then works once per refresh, however many updates
-/// arrived in between.
-pub fn coarsen<'s, D: differential_dataflow::Data>(
+/// Refresh ticks: a record at time `t` releases the updates [`refreshed`] holds up to `t`.
+pub type Ticks<'s> = VecCollection<'s, Time, ()>;
+
+/// Holds updates back until the first refresh tick at or after their time, then hands them on
+/// at the tick's time, consolidated; identity without ticks. Downstream then works once per
+/// tick, however many updates arrived in between, and updates that cancel within one refresh
+/// (a user's recent set churning) never leave this operator.
+///
+/// Memory: the consolidated updates since the last tick, one map per distinct time that a
+/// pending tick could still separate from the others.
+pub fn refreshed<'s, D>(
     updates: VecCollection<'s, Time, D>,
-    refresh_ms: u64,
-) -> VecCollection<'s, Time, D> {
-    if refresh_ms <= 1 {
+    ticks: Option<&Ticks<'s>>,
+) -> VecCollection<'s, Time, D>
+where
+    D: differential_dataflow::Data + std::hash::Hash,
+{
+    let Some(ticks) = ticks else {
         return updates;
-    }
-    let rounded = updates
+    };
+    updates
         .inner
-        .map(move |(d, t, r)| (d, t.div_ceil(refresh_ms).saturating_mul(refresh_ms), r))
-        .as_collection();
-    release_when_due(rounded)
+        .binary_frontier(
+            ticks.inner.clone(),
+            Pipeline,
+            Pipeline,
+            "Refresh",
+            |_cap, _info| {
+                let mut stash: BTreeMap<Time, HashMap<D, isize>> = BTreeMap::new();
+                let mut pending: BTreeMap<Time, Capability<Time>> = BTreeMap::new();
+                move |(data, data_frontier), (tick, tick_frontier), output| {
+                    data.for_each(|_cap, batch| {
+                        for (d, t, r) in batch.drain(..) {
+                            *stash.entry(t).or_default().entry(d).or_insert(0) += r;
+                        }
+                    });
+                    tick.for_each(|cap, batch| {
+                        for ((), t, _) in batch.drain(..) {
+                            pending.entry(t).or_insert_with(|| cap.delayed(&t, 0));
+                        }
+                    });
+                    // A tick at `t` fires once every update at or before `t` has arrived.
+                    while let Some(entry) = pending.first_entry() {
+                        let t = *entry.key();
+                        if data_frontier.frontier().less_equal(&t) {
+                            break;
+                        }
+                        let cap = entry.remove();
+                        let later = stash.split_off(&t.saturating_add(1));
+                        let due = std::mem::replace(&mut stash, later);
+                        let mut session = output.session(&cap);
+                        for (d, r) in merge(due.into_values()) {
+                            if r != 0 {
+                                session.give((d, t, r));
+                            }
+                        }
+                    }
+                    // Times that no tick can separate any more (none pending between them, and
+                    // future ticks come at or after the tick frontier) share one map.
+                    let bound = tick_frontier
+                        .frontier()
+                        .iter()
+                        .min()
+                        .copied()
+                        .unwrap_or(Time::MAX);
+                    let keys: Vec<Time> = stash.range(..=bound).map(|(k, _)| *k).collect();
+                    for pair in keys.windows(2) {
+                        let (a, b) = (pair[0], pair[1]);
+                        if pending.range(a..b).next().is_none() {
+                            if let (Some(x), Some(y)) = (stash.remove(&a), stash.remove(&b)) {
+                                stash.insert(b, merge([x, y]));
+                            }
+                        }
+                    }
+                }
+            },
+        )
+        .as_collection()
+}
+
+/// Sums maps of diffs into the largest of them.
+fn merge<D: Eq + std::hash::Hash>(
+    maps: impl IntoIterator<Item = HashMap<D, isize>>,
+) -> HashMap<D, isize> {
+    let mut maps: Vec<_> = maps.into_iter().collect();
+    let Some(largest) = (0..maps.len()).max_by_key(|i| maps[*i].len()) else {
+        return HashMap::default();
+    };
+    let mut into = maps.swap_remove(largest);
+    for map in maps {
+        for (d, r) in map {
+            *into.entry(d).or_insert(0) += r;
+        }
+    }
+    into
 }

@@ -13,6 +13,8 @@ pub struct Params {
     pub window: u64,
     pub popular_size: usize,
     pub exclude_seen: bool,
+    /// Recommend recent items touched in two or more events, with similarity 1 to themselves.
+    pub returned: bool,
     pub boost: f64,
 }
 
@@ -29,8 +31,8 @@ pub struct Model<'a> {
     events: &'a [Ev],
     cat: &'a HashMap<String, String>,
     p: &'a Params,
-    /// user → recent set, item → weight.
-    pub recent: BTreeMap<String, BTreeMap<String, u32>>,
+    /// user → recent set, item → (weight, touched in two or more events).
+    pub recent: BTreeMap<String, BTreeMap<String, (u32, bool)>>,
     pub neighbours: BTreeMap<String, Vec<(String, f64)>>,
 }
 
@@ -44,22 +46,23 @@ impl<'a> Model<'a> {
         let mut recent = BTreeMap::new();
         let users: BTreeSet<&str> = events.iter().map(|e| e.user.as_str()).collect();
         for u in users {
-            let mut latest: BTreeMap<&str, (u64, u32)> = BTreeMap::new();
+            let mut latest: BTreeMap<&str, (u64, u32, usize)> = BTreeMap::new();
             for e in events
                 .iter()
                 .filter(|e| e.user == u && e.ts + p.horizon > now)
             {
                 let Some(item) = &e.item else { continue };
-                let entry = latest.entry(item.as_str()).or_insert((0, 0));
+                let entry = latest.entry(item.as_str()).or_insert((0, 0, 0));
                 entry.0 = entry.0.max(e.ts);
                 entry.1 = entry.1.max(weight(&e.kind));
+                entry.2 += 1;
             }
-            let mut order: Vec<(&str, (u64, u32))> = latest.into_iter().collect();
+            let mut order: Vec<(&str, (u64, u32, usize))> = latest.into_iter().collect();
             order.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
-            let set: BTreeMap<String, u32> = order
+            let set: BTreeMap<String, (u32, bool)> = order
                 .into_iter()
                 .take(p.k)
-                .map(|(i, (_, w))| (i.to_string(), w))
+                .map(|(i, (_, w, n))| (i.to_string(), (w, n > 1)))
                 .collect();
             if !set.is_empty() {
                 recent.insert(u.to_string(), set);
@@ -136,8 +139,14 @@ impl<'a> Model<'a> {
             .filter(|e| e.user == user && e.kind == "purchase")
             .filter_map(|e| e.item.as_deref())
             .collect();
+        let returns = |returned: bool| returned && self.p.returned && !popular_only;
         if self.p.exclude_seen {
-            excluded.extend(recent.keys().map(String::as_str));
+            excluded.extend(
+                recent
+                    .iter()
+                    .filter(|(_, (_, returned))| !returns(*returned))
+                    .map(|(i, _)| i.as_str()),
+            );
         }
         let mut categories: BTreeMap<&str, i64> = BTreeMap::new();
         for e in self.events.iter().filter(|e| e.user == user) {
@@ -149,9 +158,11 @@ impl<'a> Model<'a> {
         if !popular_only {
             // Summed over the recent items in item-id order, as the engine does.
             let mut scores: BTreeMap<&str, (f64, f64, &str)> = BTreeMap::new();
-            for (r, w) in recent {
-                for (c, sim) in self.neighbours.get(r).into_iter().flatten() {
-                    if excluded.contains(c.as_str()) {
+            for (r, (w, returned)) in recent {
+                let own = returns(*returned).then_some((r.as_str(), 1.0));
+                let listed = self.neighbours.get(r).into_iter().flatten();
+                for (c, sim) in listed.map(|(c, s)| (c.as_str(), *s)).chain(own) {
+                    if excluded.contains(c) {
                         continue;
                     }
                     let term = f64::from(*w) / 1000.0 * sim;
@@ -170,11 +181,12 @@ impl<'a> Model<'a> {
                         score *= 1.0 + self.p.boost * (*n as f64 / total as f64);
                     }
                 }
-                out.push((
-                    item.to_string(),
-                    score,
-                    format!("viewed together with {because}"),
-                ));
+                let reason = if because == item {
+                    "you came back to it".to_string()
+                } else {
+                    format!("viewed together with {because}")
+                };
+                out.push((item.to_string(), score, reason));
             }
             out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             out.truncate(limit);
