@@ -467,15 +467,12 @@ fn run_worker(
         .map(|r| recommend_config(r, shared));
     // Replay ticks once, at its final time: its result must not depend on where batches fall,
     // and re-ranking at every batch would cost as much as the rest of the engine.
-    let refresh_ticks = settings
-        .recommendations
-        .as_ref()
-        .is_some_and(|r| replay || r.refresh_ms > 1);
     let refresh_every = settings
         .recommendations
         .as_ref()
         .map(|r| r.refresh_ms)
-        .filter(|_| refresh_ticks && !replay);
+        .filter(|ms| !replay && *ms > 1);
+    let refresh_ticks = settings.recommendations.is_some() && (replay || refresh_every.is_some());
     let mut last_refresh = 0u64;
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
