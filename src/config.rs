@@ -20,6 +20,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub http: HttpConfig,
     pub recommendations: RecommendationsConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +257,21 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[cluster]`: the processes of a multi-process cluster (timely's own cluster mode). Empty
+/// `addresses` (the default) runs one process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// timely's `host:port` of every process, in the same order in every process's config.
+    pub addresses: Vec<String>,
+    /// Every process's HTTP `host:port`, same order; a process serves on its own entry and
+    /// forwards queries for users that live elsewhere to the owner's.
+    pub http: Vec<String>,
+    /// Worker threads of every process, same order (timely needs them equal). Empty: every
+    /// process runs `engine.workers`.
+    pub workers: Vec<usize>,
+}
+
 impl Config {
     /// Loads `path` (or the embedded default) and applies `PERSONA_*` overrides from `env`.
     pub fn load(
@@ -294,7 +310,14 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 5] = ["engine", "source", "kafka", "http", "recommendations"];
+const SECTIONS: [&str; 6] = [
+    "engine",
+    "source",
+    "kafka",
+    "http",
+    "recommendations",
+    "cluster",
+];
 
 /// `PERSONA_<SECTION>_<KEY>=value`: the value is read as a TOML value (number, bool, array,
 /// inline table), falling back to a plain string.
@@ -357,6 +380,33 @@ pub struct Settings {
     pub listen: String,
     /// `None` when recommendations are off.
     pub recommendations: Option<RecommendSettings>,
+    /// `None`: a single process.
+    pub cluster: Option<Cluster>,
+}
+
+/// A validated cluster layout, as seen by one of its processes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    /// This process's index.
+    pub process: usize,
+    pub addresses: Vec<String>,
+    pub http: Vec<String>,
+    /// Workers per process (the same in all).
+    pub threads: usize,
+}
+
+impl Cluster {
+    pub fn processes(&self) -> usize {
+        self.addresses.len()
+    }
+    /// Workers in the whole cluster.
+    pub fn peers(&self) -> usize {
+        self.threads * self.processes()
+    }
+    /// The process that runs global worker `worker`.
+    pub fn process_of(&self, worker: usize) -> usize {
+        worker / self.threads
+    }
 }
 
 /// Validated `[recommendations]`.
@@ -574,7 +624,93 @@ impl Settings {
             } else {
                 None
             },
+            cluster: None,
         })
+    }
+
+    /// Takes the role of process `process` of the configured cluster: checks the layout, and
+    /// sets the workers and the HTTP address to this process's entries. `workers` is the
+    /// command line's `--workers`, which must agree with the layout.
+    pub fn for_process(
+        mut self,
+        config: &ClusterConfig,
+        process: usize,
+        workers: Option<usize>,
+    ) -> Result<Settings> {
+        let n = config.addresses.len();
+        if n == 0 {
+            if process != 0 {
+                bail!("--process {process}: no cluster is configured ([cluster] addresses is empty), so the only process is 0");
+            }
+            return Ok(self);
+        }
+        if process >= n {
+            bail!(
+                "--process {process} is out of range: [cluster] addresses lists {n} processes (0..={})",
+                n - 1
+            );
+        }
+        if config.http.len() != n {
+            bail!(
+                "[cluster] http lists {} addresses but addresses lists {n} processes: give every process its HTTP address, in the same order",
+                config.http.len()
+            );
+        }
+        for (key, list) in [("addresses", &config.addresses), ("http", &config.http)] {
+            for (i, a) in list.iter().enumerate() {
+                if a.trim().is_empty() {
+                    bail!("[cluster] {key}[{i}] is empty (expected host:port)");
+                }
+                if let Some(j) = list[..i].iter().position(|b| b == a) {
+                    bail!("[cluster] {key} lists {a:?} twice (processes {j} and {i}); every process needs its own address");
+                }
+            }
+        }
+        if let Some(a) = config.addresses.iter().find(|a| config.http.contains(a)) {
+            bail!("[cluster] {a:?} is both a timely address and an HTTP address");
+        }
+        let threads = if config.workers.is_empty() {
+            self.workers
+        } else {
+            if config.workers.len() != n {
+                bail!(
+                    "[cluster] workers lists {} counts but addresses lists {n} processes",
+                    config.workers.len()
+                );
+            }
+            let first = config.workers[0];
+            if let Some((i, w)) = config.workers.iter().enumerate().find(|(_, w)| **w != first) {
+                bail!("[cluster] workers: process {i} has {w} workers but process 0 has {first}; timely runs the same number of workers in every process");
+            }
+            first
+        };
+        if threads == 0 || threads > 1024 {
+            bail!("[cluster] workers = {threads} must be between 1 and 1024");
+        }
+        if let Some(w) = workers {
+            if w != threads {
+                bail!("--workers {w} disagrees with the cluster layout's {threads} workers per process; drop --workers or fix [cluster] workers");
+            }
+        }
+        self.workers = threads;
+        self.listen = config.http[process].clone();
+        // Processes on one machine must not append to one dead-letter file.
+        let dead = &self.source.dead_letter_path;
+        if !dead.as_os_str().is_empty() {
+            let stem = dead.file_stem().unwrap_or_default().to_string_lossy();
+            let name = match dead.extension() {
+                Some(ext) => format!("{stem}.p{process}.{}", ext.to_string_lossy()),
+                None => format!("{stem}.p{process}"),
+            };
+            self.source.dead_letter_path = dead.with_file_name(name);
+        }
+        self.cluster = Some(Cluster {
+            process,
+            addresses: config.addresses.clone(),
+            http: config.http.clone(),
+            threads,
+        });
+        Ok(self)
     }
 
     /// The widest window the dataflow must keep events for: the configured ones and the
@@ -680,6 +816,49 @@ mod tests {
         let mut bad = c.clone();
         bad.kafka.start_offset = "middle".into();
         assert!(format!("{:#}", Settings::from_config(&bad).unwrap_err()).contains("start_offset"));
+    }
+
+    fn cluster(addresses: &[&str], http: &[&str], workers: &[usize]) -> ClusterConfig {
+        ClusterConfig {
+            addresses: addresses.iter().map(|s| s.to_string()).collect(),
+            http: http.iter().map(|s| s.to_string()).collect(),
+            workers: workers.to_vec(),
+        }
+    }
+
+    fn role(c: &ClusterConfig, process: usize, workers: Option<usize>) -> Result<Settings> {
+        Settings::from_config(&Config::default())
+            .unwrap()
+            .for_process(c, process, workers)
+    }
+
+    #[test]
+    fn cluster_layouts_are_checked() {
+        let good = cluster(&["h:1", "h:2"], &["h:81", "h:82"], &[2, 2]);
+        let s = role(&good, 1, None).unwrap();
+        assert_eq!((s.workers, s.listen.as_str()), (2, "h:82"));
+        assert_eq!(
+            s.source.dead_letter_path,
+            PathBuf::from("dead-letters.p1.jsonl")
+        );
+        let c = s.cluster.unwrap();
+        assert_eq!((c.peers(), c.process_of(3), c.process_of(1)), (4, 1, 0));
+        let err = |c: &ClusterConfig, p: usize, w: Option<usize>| {
+            format!("{:#}", role(c, p, w).unwrap_err())
+        };
+        assert!(err(&good, 2, None).contains("out of range"));
+        assert!(err(&good, 0, Some(3)).contains("disagrees"));
+        let dup = cluster(&["h:1", "h:1"], &["h:81", "h:82"], &[]);
+        assert!(err(&dup, 0, None).contains("twice"));
+        let mismatch = cluster(&["h:1", "h:2"], &["h:81", "h:82"], &[2, 3]);
+        assert!(err(&mismatch, 0, None).contains("same number of workers"));
+        let short = cluster(&["h:1", "h:2"], &["h:81"], &[]);
+        assert!(err(&short, 0, None).contains("http lists 1"));
+        assert!(err(&ClusterConfig::default(), 1, None).contains("no cluster"));
+        assert!(role(&ClusterConfig::default(), 0, None)
+            .unwrap()
+            .cluster
+            .is_none());
     }
 
     #[test]

@@ -113,8 +113,6 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// Largest valid `ts` parsed by any worker.
     pub max_ts: AtomicU64,
-    /// Workers that reached the end of their input (replay).
-    inputs_done: AtomicU64,
     pub started: Instant,
 }
 
@@ -127,18 +125,21 @@ impl Shared {
     ) -> Arc<Shared> {
         let metrics = Metrics::new();
         let workers = settings.workers;
+        let (first, peers) = match &settings.cluster {
+            Some(c) => (c.process * c.threads, c.peers()),
+            None => (0, workers),
+        };
         Arc::new(Shared {
             dead: DeadLetters::new(dead_letters, metrics.clone()),
             kafka,
             metrics,
             names: Names::default(),
-            router: Router::new(workers),
+            router: Router::new(workers, first, peers),
             workers: (0..workers).map(|_| WorkerStatus::default()).collect(),
             source_path,
             settings,
             stop: AtomicBool::new(false),
             max_ts: AtomicU64::new(0),
-            inputs_done: AtomicU64::new(0),
             started: Instant::now(),
         })
     }
@@ -153,14 +154,19 @@ impl Shared {
     }
 
     pub fn ready(&self) -> bool {
-        self.workers
+        !crate::cluster::peer_lost()
+            && self
+                .workers
             .iter()
-            .all(|w| w.caught_up.load(Ordering::Acquire))
+                .all(|w| w.caught_up.load(Ordering::Acquire))
     }
 
     /// Asks every worker to stop.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
+        if !crate::cluster::peer_lost() {
+            crate::cluster::stop_requested();
+        }
         if let Some(k) = &self.kafka {
             k.stop();
         }
@@ -168,7 +174,7 @@ impl Shared {
     }
 
     pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
+        self.stop.load(Ordering::Acquire) || crate::cluster::peer_lost()
     }
 }
 
@@ -184,7 +190,13 @@ pub fn start(
     mode: Mode,
     dump: Option<Sender<Result<DumpPart, String>>>,
 ) -> Result<timely::communication::WorkerGuards<Result<(), String>>> {
-    let mut config = timely::Config::process(shared.settings.workers);
+    let mut config = match &shared.settings.cluster {
+        Some(cluster) => {
+            crate::cluster::watch_for_peer_loss();
+            crate::cluster::timely_config(cluster)
+        }
+        None => timely::Config::process(shared.settings.workers),
+    };
     // Let spines keep merging while idle, so reads stay fast after a burst.
     differential_dataflow::configure(
         &mut config.worker,
@@ -209,6 +221,32 @@ pub fn start(
 
 /// Waits for every worker and gathers their errors into one.
 pub fn join(guards: timely::communication::WorkerGuards<Result<(), String>>) -> Result<()> {
+    let lost = || {
+        if crate::cluster::stopping_anyway() {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "cluster: lost another process; stopped (timely has no failover: restart every process of the cluster)"
+            ))
+        }
+    };
+    while !guards.guards().iter().all(|g| g.is_finished()) {
+        if crate::cluster::peer_lost() {
+            // The workers stop at their next step; the network threads died with the
+            // connection, and joining them (as dropping the guards does) would only panic.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !guards.guards().iter().all(|g| g.is_finished()) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::mem::forget(guards);
+            return lost();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if crate::cluster::peer_lost() {
+        std::mem::forget(guards);
+        return lost();
+    }
     let errors: Vec<String> = guards
         .join()
         .into_iter()
@@ -235,6 +273,8 @@ struct Inputs {
     /// Refresh ticks for the recommenders' neighbours and trending lists; `None` when they
     /// move at every time.
     refresh: Option<InputSession<Time, (), isize>>,
+    /// Announcements of parsed strings to the other processes (cluster only).
+    names: Option<crate::cluster::Announcer>,
 }
 
 impl Inputs {
@@ -250,6 +290,9 @@ impl Inputs {
                 r.advance_to(t);
             }
         }
+        if let Some(n) = self.names.as_mut() {
+            n.advance_to(t);
+        }
     }
     fn flush(&mut self) {
         if let (Some(e), Some(c)) = (self.events.as_mut(), self.catalog.as_mut()) {
@@ -258,6 +301,9 @@ impl Inputs {
         }
         if let Some(r) = self.refresh.as_mut() {
             r.flush();
+        }
+        if let Some(n) = self.names.as_mut() {
+            n.flush();
         }
     }
     /// A refresh tick at the current time.
@@ -287,12 +333,16 @@ impl Catalog {
         raw: &[u8],
         origin: Origin<'_>,
         input: &mut InputSession<Time, (u64, u64), isize>,
+        names: Option<&mut crate::cluster::Announcer>,
         shared: &Shared,
     ) {
         match parse::parse_catalog(raw, &shared.names) {
             Ok(rec) => {
                 shared.metrics.catalog_record();
                 let new = if rec.deleted { None } else { rec.category };
+                if let (Some(n), Some(c)) = (names, new) {
+                    n.catalog(rec.item, c, &shared.names);
+                }
                 let old = self.current.get(&rec.item).copied();
                 if old != new {
                     if let Some(c) = old {
@@ -338,6 +388,7 @@ impl CatalogFile {
         budget: usize,
         catalog: &mut Catalog,
         input: &mut InputSession<Time, (u64, u64), isize>,
+        mut names: Option<&mut crate::cluster::Announcer>,
         shared: &Shared,
     ) -> Result<bool> {
         for _ in 0..budget {
@@ -354,7 +405,7 @@ impl CatalogFile {
                                 .dead
                                 .reject(&oversize_rejection(), &origin.to_string(), line);
                         } else {
-                            catalog.record(line, origin, input, shared);
+                            catalog.record(line, origin, input, names.as_deref_mut(), shared);
                         }
                     }
                     self.source.clear();
@@ -392,7 +443,9 @@ fn run_worker(
     let index = worker.index();
     let peers = worker.peers();
     let settings = &shared.settings;
-    let queries = shared.router.attach(index);
+    // This process's workers are global indices `process * workers ..`.
+    let local = index % settings.workers;
+    let queries = shared.router.attach(local);
     let (events_path, catalog_path, follow, clock_mode, replay, serve_after) = match mode {
         Mode::Replay {
             events,
@@ -476,14 +529,34 @@ fn run_worker(
     let mut last_refresh = 0u64;
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
-    let (mut inputs, mut traces, mut recommend, probe): (
+    #[allow(clippy::type_complexity)]
+    let (mut inputs, mut traces, mut recommend, probe, mut agreements): (
         Inputs,
         ProfileTraces,
         Option<RecommendTraces>,
         ProbeHandle<Time>,
+        Option<[crate::cluster::Agreement; 2]>,
     ) = worker.dataflow::<Time, _, _>(|scope| {
         let (events_in, raw) = scope.new_collection::<Event, isize>();
         let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
+        // In a cluster, events and catalog records wait for their strings to be installed in
+        // every process that needs them.
+        let (announcer, raw, catalog) = if settings.cluster.is_some() {
+            let (announcer, installed) =
+                crate::cluster::Announcer::new(scope, shared.names.clone());
+            let raw = crate::cluster::after_names(raw, &installed);
+            let catalog = crate::cluster::after_names(catalog, &installed);
+            (Some(announcer), raw, catalog)
+        } else {
+            (None, raw, catalog)
+        };
+        // Replay's end: the largest ts of the whole log, then the largest kept one.
+        let agreements = replay.then(|| {
+            [
+                crate::cluster::Agreement::new(scope),
+                crate::cluster::Agreement::new(scope),
+            ]
+        });
         let (refresh_in, refresh) = if refresh_ticks {
             let (input, ticks) = scope.new_collection::<(), isize>();
             (Some(input), Some(ticks))
@@ -512,6 +585,7 @@ fn run_worker(
                 events: Some(events_in),
                 catalog: Some(catalog_in),
                 refresh: refresh_in,
+                names: announcer,
             },
             ProfileTraces {
                 basics: views.basics.trace,
@@ -519,6 +593,7 @@ fn run_worker(
             },
             recommend,
             probe,
+            agreements,
         )
     });
 
@@ -527,7 +602,7 @@ fn run_worker(
     } else {
         LIVE_BATCH_LINES
     };
-    let status = &shared.workers[index];
+    let status = &shared.workers[local];
     let mut clock: Time = match clock_mode {
         ClockMode::Live => wall_ms() / settings.tick_ms * settings.tick_ms,
         ClockMode::Event => 0,
@@ -541,6 +616,9 @@ fn run_worker(
     let mut input_done = false;
     let mut dumped = !replay;
     let mut final_time: Option<Time> = None;
+    // Replay: the final state, waiting for the cluster to agree on its time.
+    let mut final_state: Option<Vec<(u64, ProfileState)>> = None;
+    let mut worker_max_ts = 0u64;
 
     // Replay reads the whole catalog before the events (it applies retroactively either way).
     if replay {
@@ -549,7 +627,7 @@ fn run_worker(
         } = &mut feed
         {
             if let Some(input) = inputs.catalog.as_mut() {
-                while !c.read(batch_lines, &mut catalog, input, shared)? {}
+                while !c.read(batch_lines, &mut catalog, input, inputs.names.as_mut(), shared)? {}
             }
         }
     }
@@ -573,7 +651,7 @@ fn run_worker(
                 } => {
                     if let (Some(c), Some(input)) = (catalog_file.as_mut(), inputs.catalog.as_mut())
                     {
-                        c.read(batch_lines, &mut catalog, input, shared)?;
+                        c.read(batch_lines, &mut catalog, input, inputs.names.as_mut(), shared)?;
                     }
                     while read < batch_lines {
                         match events.next_line()? {
@@ -621,7 +699,7 @@ fn run_worker(
                             Stream::Events => event_record(raw, origin, max_ts, &mut batch, shared),
                             Stream::Catalog => {
                                 if let Some(input) = inputs.catalog.as_mut() {
-                                    catalog.record(raw, origin, input, shared)
+                                    catalog.record(raw, origin, input, inputs.names.as_mut(), shared)
                                 }
                             }
                         })?;
@@ -642,6 +720,7 @@ fn run_worker(
             // de-duplication remembers for a horizon from their entry time are not entered at a
             // time far behind their own ts (time 0 on a first batch).
             let local_max = batch.iter().map(|e| e.ts).max().unwrap_or(0);
+            worker_max_ts = worker_max_ts.max(local_max);
             let seen = shared
                 .max_ts
                 .fetch_max(local_max, Ordering::AcqRel)
@@ -650,15 +729,18 @@ fn run_worker(
                 clock = clock.max(seen.saturating_sub(settings.allowed_lateness_ms));
                 inputs.advance_to(clock);
             }
+            if let Some(n) = inputs.names.as_mut() {
+                for event in &batch {
+                    n.event(event, &shared.names);
+                }
+            }
             if let Some(input) = inputs.events.as_mut() {
                 for event in batch.drain(..) {
                     input.update(event, 1);
                 }
             }
-            // Counted only now, after `max_ts` has this batch: the last worker to finish must
-            // find every worker's largest ts there when it sets the replay's final time.
-            if input_done && replay {
-                shared.inputs_done.fetch_add(1, Ordering::AcqRel);
+            if let (true, Some([ends, _])) = (input_done, agreements.as_mut()) {
+                ends.offer(worker_max_ts);
             }
             if let Feed::Kafka(reader) = &mut feed {
                 reader.input_at(clock);
@@ -681,11 +763,8 @@ fn run_worker(
             }
         }
         // Replay: once every worker's input has ended, move the clock to the largest ts.
-        if replay
-            && final_time.is_none()
-            && shared.inputs_done.load(Ordering::Acquire) == peers as u64
-        {
-            let last = shared.max_ts.load(Ordering::Acquire);
+        let ended = agreements.as_ref().and_then(|[ends, _]| ends.result());
+        if let (None, Some(last)) = (final_time, ended) {
             final_time = Some(last);
             inputs.advance_to(last);
             inputs.tick();
@@ -769,20 +848,33 @@ fn run_worker(
             }
         }
         if !dumped {
-            if let Some(t) = final_time {
+            if let (Some(t), None) = (final_time, final_state.as_ref()) {
                 if completed > t {
                     let profiles = traces
                         .read_all(t)
                         .map_err(|e| anyhow!("cannot read the final state at {t}: {e:?}"))?;
-                    if let Some(d) = dump {
-                        d.send(Ok(DumpPart { as_of: t, profiles }))
-                            .context("replay output channel closed")?;
+                    // SPEC §3: the dump is taken at the largest ts of the accepted events.
+                    let last = profiles
+                        .iter()
+                        .filter_map(|(_, s)| s.basics.map(|b| b.last))
+                        .max()
+                        .unwrap_or(0);
+                    if let Some([_, lasts]) = agreements.as_mut() {
+                        lasts.offer(last);
                     }
-                    dumped = true;
-                    status.caught_up.store(true, Ordering::Release);
-                    if !serve_after {
-                        break;
-                    }
+                    final_state = Some(profiles);
+                }
+            }
+            let kept = agreements.as_ref().and_then(|[_, lasts]| lasts.result());
+            if let (Some(as_of), Some(profiles)) = (kept, kept.and(final_state.take())) {
+                if let Some(d) = dump {
+                    d.send(Ok(DumpPart { as_of, profiles }))
+                        .context("replay output channel closed")?;
+                }
+                dumped = true;
+                status.caught_up.store(true, Ordering::Release);
+                if !serve_after {
+                    break;
                 }
             }
         }

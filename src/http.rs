@@ -89,7 +89,21 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
     let started = Instant::now();
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (label, reply) = match (req.method(), segments.as_slice()) {
+    let forwarded = req.headers().contains_key(crate::forward::FORWARDED);
+    if let (Some(cluster), false) = (&shared.settings.cluster, forwarded) {
+        if let (&Method::GET, Some((label, key))) = (req.method(), routing_key(&segments)) {
+            let process = cluster.process_of(shared.router.owner(key));
+            if process != cluster.process {
+                let target = req.uri().path_and_query().map_or(path.as_str(), |p| p.as_str());
+                let reply = forward(shared, process, target, req.uri().query()).await;
+                shared
+                    .metrics
+                    .observe_query(label, started.elapsed().as_secs_f64());
+                return reply;
+            }
+        }
+    }
+    let (label, mut reply) = match (req.method(), segments.as_slice()) {
         (&Method::GET, ["v1", "users", user]) => {
             ("profile", profile(shared, user, req.uri().query()).await)
         }
@@ -100,7 +114,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         (&Method::GET, ["v1", "items", item, "similar"]) => {
             ("similar", similar(shared, item, req.uri().query()).await)
         }
-        (&Method::GET, ["v1", "status"]) => ("status", status(shared)),
+        (&Method::GET, ["v1", "status"]) => ("status", status(shared, forwarded).await),
         (&Method::GET, ["healthz"]) => (
             "healthz",
             json_reply(StatusCode::OK, &json!({"status": "ok"})),
@@ -130,10 +144,50 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
             ),
         ),
     };
+    let process = shared.settings.cluster.as_ref().map_or(0, |c| c.process);
+    reply
+        .headers_mut()
+        .insert("x-persona-process", HeaderValue::from(process as u64));
     shared
         .metrics
         .observe_query(label, started.elapsed().as_secs_f64());
     reply
+}
+
+/// The metrics label and routing key (user or item hash) of a read that its owner answers.
+fn routing_key(segments: &[&str]) -> Option<(&'static str, u64)> {
+    let (label, id, what) = match segments {
+        ["v1", "users", user] => ("profile", user, "user"),
+        ["v1", "users", user, "recommendations"] => ("recommendations", user, "user"),
+        ["v1", "items", item, "similar"] => ("similar", item, "item"),
+        _ => return None,
+    };
+    // An id that does not decode is answered here, with the local 400.
+    let id = path_id(id, what).ok()?;
+    Some((label, crate::names::hash(&id)))
+}
+
+/// Relays a read to `process`, which owns its user or item.
+async fn forward(shared: &Arc<Shared>, process: usize, target: &str, query: Option<&str>) -> Reply {
+    let Some(cluster) = shared.settings.cluster.as_ref() else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no cluster");
+    };
+    // The owner may wait up to timeout_ms for min_as_of_ms; give it that and a margin.
+    let wait = number_param(query, "timeout_ms")
+        .ok()
+        .flatten()
+        .unwrap_or(DEFAULT_TIMEOUT_MS)
+        .min(MAX_TIMEOUT_MS);
+    let timeout = Duration::from_millis(wait + 2_000);
+    let address = &cluster.http[process];
+    match crate::forward::get(address, target, cluster.process, timeout).await {
+        Ok(reply) => reply,
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "process_unavailable",
+            format!("process {process} ({address}), which owns this id, did not answer: {e}"),
+        ),
+    }
 }
 
 fn param(query: Option<&str>, name: &str) -> Option<String> {
@@ -305,10 +359,19 @@ async fn similar(shared: &Arc<Shared>, raw_item: &str, query: Option<&str>) -> R
                 .insert("x-persona-as-of-ms", HeaderValue::from(as_of));
             r
         }
-        Answer::Similar { as_of, items, .. } => json_reply(
-            StatusCode::OK,
-            &render::similar(&item_id, as_of, &items, &shared.names),
-        ),
+        Answer::Similar {
+            as_of,
+            items,
+            worker,
+        } => {
+            let mut r = json_reply(
+                StatusCode::OK,
+                &render::similar(&item_id, as_of, &items, &shared.names),
+            );
+            r.headers_mut()
+                .insert("x-persona-worker", HeaderValue::from(worker as u64));
+            r
+        }
         other => unanswered(shared, other, "similar items"),
     }
 }
@@ -392,7 +455,95 @@ fn not_found(user_id: &str, as_of: u64) -> Reply {
     r
 }
 
-fn status(shared: &Arc<Shared>) -> Reply {
+/// This process's status; in a cluster, with every other process's (asked over HTTP) under
+/// `processes`. `local`: this process's alone (what the other processes ask for).
+async fn status(shared: &Arc<Shared>, local: bool) -> Reply {
+    let mut mine = process_status(shared);
+    let Some(cluster) = shared.settings.cluster.as_ref() else {
+        mine["processes"] = json!([process_entry(&mine, 0, None)]);
+        return json_reply(StatusCode::OK, &mine);
+    };
+    if local {
+        return json_reply(StatusCode::OK, &mine);
+    }
+    let asks = (0..cluster.processes())
+        .filter(|p| *p != cluster.process)
+        .map(|p| async move {
+            let answer = crate::forward::get(
+                &cluster.http[p],
+                "/v1/status",
+                cluster.process,
+                Duration::from_secs(2),
+            )
+            .await;
+            let parsed = match answer {
+                Ok(r) if r.status() == StatusCode::OK => {
+                    use http_body_util::BodyExt;
+                    match r.into_body().collect().await {
+                        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b.to_bytes())
+                            .map_err(|e| format!("unreadable status: {e}")),
+                        Err(e) => Err(format!("unreadable status: {e}")),
+                    }
+                }
+                Ok(r) => Err(format!("status {}", r.status())),
+                Err(e) => Err(e),
+            };
+            (p, parsed)
+        });
+    let answers = futures_join_all(asks).await;
+    let mut processes = Vec::new();
+    let mut all_ready = mine["ready"].as_bool().unwrap_or(false);
+    for p in 0..cluster.processes() {
+        if p == cluster.process {
+            processes.push(process_entry(&mine, p, Some(&cluster.http[p])));
+            continue;
+        }
+        match answers.iter().find(|(q, _)| *q == p).map(|(_, a)| a) {
+            Some(Ok(s)) => {
+                all_ready &= s["ready"].as_bool().unwrap_or(false);
+                processes.push(process_entry(s, p, Some(&cluster.http[p])));
+            }
+            Some(Err(e)) => {
+                all_ready = false;
+                processes.push(json!({
+                    "process": p, "http": cluster.http[p], "reachable": false, "ready": false, "error": e,
+                }));
+            }
+            None => {}
+        }
+    }
+    mine["cluster_ready"] = json!(all_ready);
+    mine["processes"] = json!(processes);
+    json_reply(StatusCode::OK, &mine)
+}
+
+/// Awaits every future (few, small: one per process).
+async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futures.map(Box::pin).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await);
+    }
+    out
+}
+
+/// One row of `processes` from a process's own status.
+fn process_entry(status: &serde_json::Value, process: usize, http: Option<&str>) -> serde_json::Value {
+    json!({
+        "process": process,
+        "http": http,
+        "reachable": true,
+        "ready": status["ready"],
+        "as_of_ms": status["as_of_ms"],
+        "workers": status["workers"],
+        "first_worker": status["first_worker"],
+        "events_in": status["counters"]["events_in"],
+        "accepted": status["counters"]["accepted"],
+    })
+}
+
+fn process_status(shared: &Arc<Shared>) -> serde_json::Value {
+    let first = shared.settings.cluster.as_ref().map_or(0, |c| c.process * c.threads);
     let sources: Vec<_> = if shared.kafka.is_some() {
         let mut parts: Vec<_> = shared
             .workers
@@ -424,7 +575,7 @@ fn status(shared: &Arc<Shared>) -> Reply {
                 let offset = w.offset.load(Ordering::Relaxed);
                 let len = w.file_len.load(Ordering::Relaxed);
                 json!({
-                    "kind": "file", "path": shared.source_path.display().to_string(), "worker": i,
+                    "kind": "file", "path": shared.source_path.display().to_string(), "worker": first + i,
                     "lines": w.lines.load(Ordering::Relaxed), "offset_bytes": offset,
                     "file_bytes": len, "lag_bytes": len.saturating_sub(offset),
                     "clock_ms": w.clock.load(Ordering::Relaxed),
@@ -438,22 +589,25 @@ fn status(shared: &Arc<Shared>) -> Reply {
         .into_iter()
         .map(|(k, v)| (k, json!(v)))
         .collect();
-    json_reply(
-        StatusCode::OK,
-        &json!({
-            "as_of_ms": shared.clock(),
-            "ready": shared.ready(),
-            "uptime_ms": shared.started.elapsed().as_millis() as u64,
-            "clock": format!("{:?}", shared.settings.clock).to_lowercase(),
-            "workers": shared.workers.len(),
-            "processes": 1,
-            "sources": sources,
-            "counters": {
-                "events_in": m.events_read(), "accepted": m.accepted(), "duplicates": m.duplicates(),
-                "conflicting_duplicates": m.conflicting(), "dead_letters": dead, "catalog_records": m.catalog_records(),
-            },
-        }),
-    )
+    let (process, first_worker, cluster_workers) = match &shared.settings.cluster {
+        Some(c) => (c.process, c.process * c.threads, c.peers()),
+        None => (0, 0, shared.workers.len()),
+    };
+    json!({
+        "as_of_ms": shared.clock(),
+        "ready": shared.ready(),
+        "uptime_ms": shared.started.elapsed().as_millis() as u64,
+        "clock": format!("{:?}", shared.settings.clock).to_lowercase(),
+        "process": process,
+        "workers": shared.workers.len(),
+        "first_worker": first_worker,
+        "cluster_workers": cluster_workers,
+        "sources": sources,
+        "counters": {
+            "events_in": m.events_read(), "accepted": m.accepted(), "duplicates": m.duplicates(),
+            "conflicting_duplicates": m.conflicting(), "dead_letters": dead, "catalog_records": m.catalog_records(),
+        },
+    })
 }
 
 fn readyz(shared: &Arc<Shared>) -> Reply {
@@ -464,6 +618,9 @@ fn readyz(shared: &Arc<Shared>) -> Reply {
         )
     } else {
         let message = match &shared.kafka {
+            _ if crate::cluster::peer_lost() => {
+                "lost the connection to another process of the cluster; stopping".to_string()
+            }
             Some(k) if k.layout().is_none() => format!(
                 "waiting for the Kafka brokers at {} or its topics (see the log)",
                 k.brokers()

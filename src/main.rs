@@ -1,6 +1,6 @@
 //! The `persona` command line.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use persona::config::{ClockMode, Config, Settings};
 use std::io::Write;
@@ -26,7 +26,7 @@ struct RunArgs {
     /// Worker threads (overrides engine.workers).
     #[arg(long)]
     workers: Option<usize>,
-    /// This process's index in a cluster (only 0 until cluster mode lands).
+    /// This process's index in the cluster of `[cluster]` (0 with no cluster).
     #[arg(long, default_value_t = 0)]
     process: usize,
 }
@@ -53,6 +53,10 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long)]
         workers: Option<usize>,
+        /// This process's index in the cluster of `[cluster]`; each process replays its share
+        /// of the log and dumps the users its workers own.
+        #[arg(long, default_value_t = 0)]
+        process: usize,
         /// Keep the HTTP server up on the final state.
         #[arg(long)]
         serve: bool,
@@ -74,9 +78,17 @@ enum Command {
     Record(persona::kafka_tools::RecordArgs),
 }
 
-fn settings(config: Option<PathBuf>, workers: Option<usize>, print: bool) -> Result<Settings> {
+/// The settings of `config` (with `--workers`), for `process` of its cluster if it has one;
+/// `process: None` ignores `[cluster]` (single-process commands).
+fn settings(
+    config: Option<PathBuf>,
+    workers: Option<usize>,
+    process: Option<usize>,
+    print: bool,
+) -> Result<Settings> {
     let mut config = Config::load(config.as_deref(), std::env::vars())?;
-    if let Some(w) = workers {
+    let clustered = process.is_some() && !config.cluster.addresses.is_empty();
+    if let (Some(w), false) = (workers, clustered) {
         config.engine.workers = w;
     }
     if print {
@@ -87,7 +99,11 @@ fn settings(config: Option<PathBuf>, workers: Option<usize>, print: bool) -> Res
             config.to_toml()
         );
     }
-    Settings::from_config(&config)
+    let settings = Settings::from_config(&config)?;
+    match process {
+        Some(p) => settings.for_process(&config.cluster, p, workers),
+        None => Ok(settings),
+    }
 }
 
 fn main() -> Result<()> {
@@ -109,10 +125,7 @@ fn main() -> Result<()> {
             workers,
             process,
         }) => {
-            if process != 0 {
-                bail!("--process {process}: this build runs a single process (index 0); cluster mode is not available yet");
-            }
-            persona::run::command(settings(config, workers, true)?)
+            persona::run::command(settings(config, workers, Some(process), true)?)
         }
         Command::Replay {
             events,
@@ -121,9 +134,10 @@ fn main() -> Result<()> {
             dead_letters,
             config,
             workers,
+            process,
             serve,
         } => {
-            let mut s = settings(config, workers, false)?;
+            let mut s = settings(config, workers, Some(process), false)?;
             s.clock = ClockMode::Event;
             persona::replay::command(
                 s,
@@ -141,7 +155,7 @@ fn main() -> Result<()> {
             config,
             workers,
         } => {
-            let s = settings(config, workers, false)?;
+            let s = settings(config, workers, None, false)?;
             let e = persona::evaluate::evaluate(s, &args)?;
             println!(
                 "{}: split {}: {} training and {} held-out events",

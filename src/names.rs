@@ -34,6 +34,13 @@ impl Names {
         h
     }
 
+    /// Remembers `s` as the string of `h` (announced by another process of a cluster).
+    pub fn insert(&self, h: u64, s: &str) {
+        if !self.table.contains_key(&h) {
+            self.table.entry(h).or_insert_with(|| Arc::from(s));
+        }
+    }
+
     pub fn get(&self, h: u64) -> Option<Arc<str>> {
         self.table.get(&h).map(|s| s.clone())
     }

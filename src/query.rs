@@ -68,18 +68,26 @@ pub enum Answer {
     Unavailable,
 }
 
-/// Channels to every worker, and their threads to wake them.
+/// Channels to this process's workers, and their threads to wake them.
 pub struct Router {
+    /// Workers in the whole cluster (this process's alone without one).
+    peers: usize,
+    /// Global index of this process's first worker.
+    first: usize,
     senders: Vec<Sender<Query>>,
     receivers: Mutex<Vec<Option<Receiver<Query>>>>,
     threads: Vec<OnceLock<Thread>>,
 }
 
 impl Router {
-    pub fn new(workers: usize) -> Self {
+    /// A router for `workers` local workers, the first of them global worker `first` of
+    /// `peers`.
+    pub fn new(workers: usize, first: usize, peers: usize) -> Self {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| crossbeam_channel::unbounded()).unzip();
         Router {
+            peers,
+            first,
             senders,
             receivers: Mutex::new(receivers.into_iter().map(Some).collect()),
             threads: (0..workers).map(|_| OnceLock::new()).collect(),
@@ -93,9 +101,26 @@ impl Router {
         receivers[worker].take().expect("each worker attaches once")
     }
 
-    /// Sends `query` to the owner of its user and wakes that worker.
+    /// The global index of the worker that owns routing key `key` (a user's hash, or an
+    /// item's for similar items).
+    pub fn owner(&self, key: u64) -> usize {
+        owner(key, self.peers)
+    }
+
+    /// The local index of the worker that owns `key`, if it runs in this process.
+    pub fn local(&self, key: u64) -> Option<usize> {
+        self.owner(key)
+            .checked_sub(self.first)
+            .filter(|w| *w < self.senders.len())
+    }
+
+    /// Sends `query` to the owner of its user and wakes that worker; a user owned by another
+    /// process is answered `Unavailable` (the HTTP layer forwards those first).
     pub fn send(&self, query: Query) {
-        let worker = owner(query.user, self.senders.len());
+        let Some(worker) = self.local(query.user) else {
+            let _ = query.reply.send(Answer::Unavailable);
+            return;
+        };
         if let Err(e) = self.senders[worker].send(query) {
             let _ = e.into_inner().reply.send(Answer::Unavailable);
             return;

@@ -112,7 +112,9 @@ pub fn replay(
     if let Some(p) = progress {
         p.finish_and_clear();
     }
-    let (_, states) = match collected {
+    // SPEC §3: the dump is taken at the largest ts of the accepted events (of the whole
+    // cluster: the workers agree on it).
+    let (as_of, states) = match collected {
         Ok(x) => x,
         Err(e) => {
             shared.shutdown();
@@ -129,12 +131,6 @@ pub fn replay(
             });
         }
     };
-    // SPEC §3: the dump is taken at the largest ts of the accepted events.
-    let as_of = states
-        .iter()
-        .filter_map(|(_, s)| s.basics.map(|b| b.last))
-        .max()
-        .unwrap_or(0);
     let mut profiles = render_all(&shared, as_of, &states);
     profiles.sort_unstable_by(|a, b| a.user_id.cmp(&b.user_id));
     let m = &shared.metrics;

@@ -50,6 +50,21 @@ pub fn command(settings: Settings) -> Result<()> {
         server.addr
     );
     let guards = engine::start(shared.clone(), Mode::Run, None)?;
+    if let Some(cluster) = &shared.settings.cluster {
+        // timely has connected every process by now.
+        tracing::info!(
+            process = cluster.process,
+            processes = cluster.processes(),
+            workers = cluster.peers(),
+            "cluster formed"
+        );
+        let (stop, wake) = (shared.clone(), shared.clone());
+        crate::cluster::watch_peers(
+            cluster,
+            move || stop.stopping(),
+            move || wake.router.wake_all(),
+        );
+    }
     let result = engine::join(guards);
     shared.shutdown();
     server.join();
