@@ -215,6 +215,40 @@ impl Agreement {
     }
 }
 
+/// Shares the largest event `ts` each worker has parsed with every process, so that the event
+/// clock moves alike everywhere: without it, a process whose sources went quiet would hold the
+/// clock (and with it every process's progress) back at its own largest `ts`.
+pub struct MaxShare {
+    input: InputSession<Time, u64, isize>,
+    sent: u64,
+    /// Its own epochs: it feeds no view, and each new epoch pushes the exchange's buffers.
+    epoch: Time,
+}
+
+impl MaxShare {
+    /// `on_max` runs (on every worker) with every value any worker shares.
+    pub fn new(scope: Scope<'_, Time>, on_max: impl Fn(u64) + 'static) -> MaxShare {
+        let (input, shared) = scope.new_collection::<u64, isize>();
+        shared.inner.broadcast().inspect(move |(v, _, _)| on_max(*v));
+        MaxShare {
+            input,
+            sent: 0,
+            epoch: 0,
+        }
+    }
+
+    /// Shares `max` if it is larger than what this worker shared before.
+    pub fn offer(&mut self, max: u64) {
+        if max > self.sent {
+            self.sent = max;
+            self.input.update(max, 1);
+            self.epoch += 1;
+            self.input.advance_to(self.epoch);
+            self.input.flush();
+        }
+    }
+}
+
 static PEER_LOST: AtomicBool = AtomicBool::new(false);
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 

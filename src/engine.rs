@@ -275,6 +275,8 @@ struct Inputs {
     refresh: Option<InputSession<Time, (), isize>>,
     /// Announcements of parsed strings to the other processes (cluster only).
     names: Option<crate::cluster::Announcer>,
+    /// The largest `ts` parsed, shared with the other processes (cluster only).
+    max_ts: Option<crate::cluster::MaxShare>,
 }
 
 impl Inputs {
@@ -541,6 +543,12 @@ fn run_worker(
         let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
         // In a cluster, events and catalog records wait for their strings to be installed in
         // every process that needs them.
+        let max_share = settings.cluster.as_ref().map(|_| {
+            let shared = shared.clone();
+            crate::cluster::MaxShare::new(scope, move |v| {
+                shared.max_ts.fetch_max(v, Ordering::AcqRel);
+            })
+        });
         let (announcer, raw, catalog) = if settings.cluster.is_some() {
             let (announcer, installed) =
                 crate::cluster::Announcer::new(scope, shared.names.clone());
@@ -586,6 +594,7 @@ fn run_worker(
                 catalog: Some(catalog_in),
                 refresh: refresh_in,
                 names: announcer,
+                max_ts: max_share,
             },
             ProfileTraces {
                 basics: views.basics.trace,
@@ -721,6 +730,9 @@ fn run_worker(
             // time far behind their own ts (time 0 on a first batch).
             let local_max = batch.iter().map(|e| e.ts).max().unwrap_or(0);
             worker_max_ts = worker_max_ts.max(local_max);
+            if let Some(m) = inputs.max_ts.as_mut() {
+                m.offer(worker_max_ts);
+            }
             let seen = shared
                 .max_ts
                 .fetch_max(local_max, Ordering::AcqRel)

@@ -14,126 +14,10 @@ mod support;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use support::broker::Broker;
+use support::kafka_log::*;
 use support::process::{spawn_listening, Process};
-
-const PARTITIONS: i32 = 4;
-const EVENTS: &str = "events";
-const CATALOG: &str = "catalog";
-const DEAD: &str = "dead-letters";
-
-fn persona() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_persona"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-fn write_lines(path: &Path, lines: &[String]) {
-    std::fs::write(
-        path,
-        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
-}
-
-/// A log with redeliveries, late events, bad lines and the golden log's edge cases; and a
-/// catalog.
-fn make_log(dir: &Path) -> (PathBuf, PathBuf) {
-    let events = dir.join("events.jsonl");
-    let catalog = dir.join("catalog.jsonl");
-    run_ok(
-        persona()
-            .args(["generate", "--out"])
-            .arg(&events)
-            .arg("--catalog")
-            .arg(&catalog)
-            .args([
-                "--events",
-                "3000",
-                "--users",
-                "150",
-                "--items",
-                "300",
-                "--categories",
-                "12",
-                "--span",
-                "6h",
-                "--duplicates",
-                "0.05",
-                "--late",
-                "0.05",
-                "--invalid",
-                "0.01",
-                "--seed",
-                "11",
-            ]),
-    );
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut ev = lines(&events);
-    ev.extend(lines(&data.join("golden-events.jsonl")));
-    write_lines(&events, &ev);
-    let mut cat = lines(&catalog);
-    cat.extend(lines(&data.join("golden-catalog.jsonl")));
-    write_lines(&catalog, &cat);
-    (events, catalog)
-}
-
-const ENGINE: &str = "[engine]\nclock = \"event\"\nallowed_lateness = \"0s\"\ndedup_horizon = \"3650d\"\ntick = \"10ms\"\n";
-
-/// `persona replay` of the log: the as_of, the profiles by user and the dead letters.
-fn replay(dir: &Path, events: &Path, catalog: &Path) -> (u64, BTreeMap<String, Value>, Vec<Value>) {
-    let config = dir.join("replay.toml");
-    std::fs::write(&config, ENGINE).unwrap();
-    let dump = dir.join("replay.jsonl");
-    let dead = dir.join("replay-dead.jsonl");
-    run_ok(
-        persona()
-            .args(["replay", "--events"])
-            .arg(events)
-            .arg("--catalog")
-            .arg(catalog)
-            .arg("--dump")
-            .arg(&dump)
-            .arg("--dead-letters")
-            .arg(&dead)
-            .arg("--config")
-            .arg(&config),
-    );
-    let profiles: BTreeMap<String, Value> = lines(&dump)
-        .iter()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["user_id"].as_str().unwrap().to_string(), v)
-        })
-        .collect();
-    let as_of = profiles.values().next().unwrap()["as_of_ms"]
-        .as_u64()
-        .unwrap();
-    let dead = lines(&dead)
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (as_of, profiles, dead)
-}
 
 /// `persona run` on the broker's topics with `workers` workers.
 fn start_engine(dir: &Path, brokers: &str, workers: usize) -> Process {
@@ -149,38 +33,6 @@ fn start_engine(dir: &Path, brokers: &str, workers: usize) -> Process {
     let mut cmd = persona();
     cmd.args(["run", "--config"]).arg(&config);
     spawn_listening(cmd)
-}
-
-fn create_topics(broker: &Broker) {
-    broker.create_topic(EVENTS, PARTITIONS);
-    broker.create_topic(CATALOG, 1);
-    broker.create_topic(DEAD, 1);
-}
-
-fn produce(brokers: &str, topic: &str, log: &Path) {
-    let out = run_ok(
-        persona()
-            .args([
-                "produce",
-                "--brokers",
-                brokers,
-                "--topic",
-                topic,
-                "--events",
-            ])
-            .arg(log),
-    );
-    assert!(out.contains("0 failed"), "{out}");
-}
-
-/// Sum of `field` (`read_position`: read from Kafka; `position`: reflected in the state) over
-/// every partition the engine reads.
-fn positions(engine: &Process, field: &str) -> i64 {
-    let (_, status, _) = engine.get("/v1/status");
-    status["sources"]
-        .as_array()
-        .map(|s| s.iter().filter_map(|p| p[field].as_i64()).sum())
-        .unwrap_or(0)
 }
 
 /// Waits until `total` messages are consumed, moves the clock past `max_ts` with a last event of

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod kafka_log;
 pub mod process;
 pub mod recommend;
 pub mod reference;
