@@ -20,6 +20,7 @@ use crate::config::Cluster;
 use crate::names::Names;
 use differential_dataflow::input::{Input, InputSession};
 use differential_dataflow::{AsCollection, VecCollection};
+use persona_dataflows::event::PendingByTime;
 use persona_dataflows::{route_hash, Event, Time};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
@@ -29,7 +30,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Broadcast;
-use timely::dataflow::operators::{Capability, Concat, Exchange, Inspect, Probe};
+use timely::dataflow::operators::{Concat, Exchange, Inspect, Probe};
 use timely::dataflow::{Scope, StreamVec};
 
 /// timely's configuration for this process of `cluster`.
@@ -68,16 +69,21 @@ impl Announcer {
             .inner
             .exchange(|((user, _, _), _, _): &(Note, Time, isize)| route_hash(*user))
             .concat(shared_notes.inner.broadcast());
-        let installed: StreamVec<'s, Time, ()> = routed.unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "InstallNames", move |_, _| {
-            move |input, _output| {
-                input.for_each(|_, data| {
-                    for ((_, hash, name), _, _) in data.drain(..) {
-                        let name: String = name;
-                        names.insert(hash, &name);
+        let installed: StreamVec<'s, Time, ()> = routed
+            .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                Pipeline,
+                "InstallNames",
+                move |_, _| {
+                    move |input, _output| {
+                        input.for_each(|_, data| {
+                            for ((_, hash, name), _, _) in data.drain(..) {
+                                let name: String = name;
+                                names.insert(hash, &name);
+                            }
+                        });
                     }
-                });
-            }
-        });
+                },
+            );
         (
             Announcer {
                 announced: HashSet::default(),
@@ -147,8 +153,7 @@ where
             Pipeline,
             "AfterNames",
             |_, _| {
-                let mut held: BTreeMap<Time, (Capability<Time>, Vec<(D, Time, isize)>)> =
-                    BTreeMap::new();
+                let mut held: PendingByTime<(D, Time, isize)> = BTreeMap::new();
                 move |(input, _), (names, names_frontier), output| {
                     input.for_each(|cap, data| {
                         for (d, t, r) in data.drain(..) {
@@ -229,7 +234,10 @@ impl MaxShare {
     /// `on_max` runs (on every worker) with every value any worker shares.
     pub fn new(scope: Scope<'_, Time>, on_max: impl Fn(u64) + 'static) -> MaxShare {
         let (input, shared) = scope.new_collection::<u64, isize>();
-        shared.inner.broadcast().inspect(move |(v, _, _)| on_max(*v));
+        shared
+            .inner
+            .broadcast()
+            .inspect(move |(v, _, _)| on_max(*v));
         MaxShare {
             input,
             sent: 0,
@@ -279,7 +287,11 @@ fn lose(reason: &str) {
 /// stopped cleanly closes timely's connections without an error, and would otherwise leave
 /// this one waiting forever for its progress. Three failed checks in a row (a second apart)
 /// count as lost. `wake` is called once a peer is lost, to let the workers see it.
-pub fn watch_peers(cluster: &Cluster, stopping: impl Fn() -> bool + Send + 'static, wake: impl Fn() + Send + 'static) {
+pub fn watch_peers(
+    cluster: &Cluster,
+    stopping: impl Fn() -> bool + Send + 'static,
+    wake: impl Fn() + Send + 'static,
+) {
     let peers: Vec<(usize, String)> = (0..cluster.processes())
         .filter(|p| *p != cluster.process)
         .map(|p| (p, cluster.http[p].clone()))
@@ -295,7 +307,11 @@ pub fn watch_peers(cluster: &Cluster, stopping: impl Fn() -> bool + Send + 'stat
                         .ok()
                         .and_then(|mut a| a.next())
                         .is_some_and(|a| {
-                            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok()
+                            std::net::TcpStream::connect_timeout(
+                                &a,
+                                std::time::Duration::from_secs(1),
+                            )
+                            .is_ok()
                         });
                     failures[i] = if up { 0 } else { failures[i] + 1 };
                     if failures[i] >= 3 && !stopping() {
@@ -328,7 +344,9 @@ pub fn watch_for_peer_loss() {
             || message.contains("Send thread panic")
             || message.contains("Recv thread panic");
         if network || peer_lost() {
-            lose(&format!("lost the connection to another process ({message})"));
+            lose(&format!(
+                "lost the connection to another process ({message})"
+            ));
             return;
         }
         default(info)

@@ -679,7 +679,12 @@ impl Settings {
                 );
             }
             let first = config.workers[0];
-            if let Some((i, w)) = config.workers.iter().enumerate().find(|(_, w)| **w != first) {
+            if let Some((i, w)) = config
+                .workers
+                .iter()
+                .enumerate()
+                .find(|(_, w)| **w != first)
+            {
                 bail!("[cluster] workers: process {i} has {w} workers but process 0 has {first}; timely runs the same number of workers in every process");
             }
             first
@@ -859,6 +864,18 @@ mod tests {
             .unwrap()
             .cluster
             .is_none());
+    }
+
+    #[test]
+    fn bundled_cluster_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cluster-2.toml");
+        let c = Config::load(Some(&path), Vec::new()).unwrap();
+        let s = Settings::from_config(&c)
+            .unwrap()
+            .for_process(&c.cluster, 1, None)
+            .unwrap();
+        assert_eq!(s.cluster.map(|c| (c.processes(), c.threads)), Some((2, 2)));
+        assert_eq!(s.listen, "127.0.0.1:8081");
     }
 
     #[test]

@@ -157,7 +157,7 @@ impl Shared {
         !crate::cluster::peer_lost()
             && self
                 .workers
-            .iter()
+                .iter()
                 .all(|w| w.caught_up.load(Ordering::Acquire))
     }
 
@@ -636,7 +636,13 @@ fn run_worker(
         } = &mut feed
         {
             if let Some(input) = inputs.catalog.as_mut() {
-                while !c.read(batch_lines, &mut catalog, input, inputs.names.as_mut(), shared)? {}
+                while !c.read(
+                    batch_lines,
+                    &mut catalog,
+                    input,
+                    inputs.names.as_mut(),
+                    shared,
+                )? {}
             }
         }
     }
@@ -660,7 +666,13 @@ fn run_worker(
                 } => {
                     if let (Some(c), Some(input)) = (catalog_file.as_mut(), inputs.catalog.as_mut())
                     {
-                        c.read(batch_lines, &mut catalog, input, inputs.names.as_mut(), shared)?;
+                        c.read(
+                            batch_lines,
+                            &mut catalog,
+                            input,
+                            inputs.names.as_mut(),
+                            shared,
+                        )?;
                     }
                     while read < batch_lines {
                         match events.next_line()? {
@@ -708,7 +720,13 @@ fn run_worker(
                             Stream::Events => event_record(raw, origin, max_ts, &mut batch, shared),
                             Stream::Catalog => {
                                 if let Some(input) = inputs.catalog.as_mut() {
-                                    catalog.record(raw, origin, input, inputs.names.as_mut(), shared)
+                                    catalog.record(
+                                        raw,
+                                        origin,
+                                        input,
+                                        inputs.names.as_mut(),
+                                        shared,
+                                    )
                                 }
                             }
                         })?;

@@ -23,7 +23,10 @@ pub async fn get(
 ) -> Result<Response<Full<Bytes>>, String> {
     match tokio::time::timeout(timeout, get_inner(address, path_and_query, from)).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer from {address} within {} ms", timeout.as_millis())),
+        Err(_) => Err(format!(
+            "no answer from {address} within {} ms",
+            timeout.as_millis()
+        )),
     }
 }
 

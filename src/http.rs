@@ -94,7 +94,10 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         if let (&Method::GET, Some((label, key))) = (req.method(), routing_key(&segments)) {
             let process = cluster.process_of(shared.router.owner(key));
             if process != cluster.process {
-                let target = req.uri().path_and_query().map_or(path.as_str(), |p| p.as_str());
+                let target = req
+                    .uri()
+                    .path_and_query()
+                    .map_or(path.as_str(), |p| p.as_str());
                 let reply = forward(shared, process, target, req.uri().query()).await;
                 shared
                     .metrics
@@ -518,7 +521,9 @@ async fn status(shared: &Arc<Shared>, local: bool) -> Reply {
 }
 
 /// Awaits every future (few, small: one per process).
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
     let handles: Vec<_> = futures.map(Box::pin).collect();
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
@@ -528,7 +533,11 @@ async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = 
 }
 
 /// One row of `processes` from a process's own status.
-fn process_entry(status: &serde_json::Value, process: usize, http: Option<&str>) -> serde_json::Value {
+fn process_entry(
+    status: &serde_json::Value,
+    process: usize,
+    http: Option<&str>,
+) -> serde_json::Value {
     json!({
         "process": process,
         "http": http,
@@ -543,7 +552,11 @@ fn process_entry(status: &serde_json::Value, process: usize, http: Option<&str>)
 }
 
 fn process_status(shared: &Arc<Shared>) -> serde_json::Value {
-    let first = shared.settings.cluster.as_ref().map_or(0, |c| c.process * c.threads);
+    let first = shared
+        .settings
+        .cluster
+        .as_ref()
+        .map_or(0, |c| c.process * c.threads);
     let sources: Vec<_> = if shared.kafka.is_some() {
         let mut parts: Vec<_> = shared
             .workers

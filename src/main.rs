@@ -124,9 +124,7 @@ fn main() -> Result<()> {
             config,
             workers,
             process,
-        }) => {
-            persona::run::command(settings(config, workers, Some(process), true)?)
-        }
+        }) => persona::run::command(settings(config, workers, Some(process), true)?),
         Command::Replay {
             events,
             catalog,

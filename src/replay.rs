@@ -88,7 +88,6 @@ pub fn replay(
             bail!("catalog {} does not exist or is not a file", c.display());
         }
     }
-    let started = Instant::now();
     let mut settings = settings;
     // A replay de-duplicates across the whole log, whatever its span: the result must be the
     // log's, not a function of how far apart its copies happen to be.
@@ -107,6 +106,8 @@ pub fn replay(
         serve,
     };
     let guards = engine::start(shared.clone(), mode, Some(tx))?;
+    // After the start: in a cluster that is when every process has connected.
+    let started = Instant::now();
     let progress = progress_bar(&shared, events);
     let collected = engine::collect_dump(&rx, workers);
     if let Some(p) = progress {

@@ -233,7 +233,10 @@ fn two_processes_of_two_workers_match_one_process() {
         for item in r0["items"].as_array().unwrap() {
             let id = item["item_id"].as_str().unwrap();
             assert!(!id.starts_with('#'), "item named by its hash: {item}");
-            let similar = format!("/v1/items/{}/similar?limit=3", utf8_percent_encode(id, NON_ALPHANUMERIC));
+            let similar = format!(
+                "/v1/items/{}/similar?limit=3",
+                utf8_percent_encode(id, NON_ALPHANUMERIC)
+            );
             let (a, b) = (
                 cluster.processes[0].get(&similar),
                 cluster.processes[1].get(&similar),
@@ -258,9 +261,15 @@ fn two_processes_of_two_workers_match_one_process() {
         let (_, s, _) = e.get("/v1/status");
         for p in s["sources"].as_array().unwrap() {
             if p["topic"] == EVENTS {
-                let (part, worker) = (p["partition"].as_u64().unwrap(), p["worker"].as_u64().unwrap());
+                let (part, worker) = (
+                    p["partition"].as_u64().unwrap(),
+                    p["worker"].as_u64().unwrap(),
+                );
                 assert_eq!(worker, part % (PROCESSES * THREADS) as u64, "{p}");
-                assert_eq!(worker as usize / THREADS, s["process"].as_u64().unwrap() as usize);
+                assert_eq!(
+                    worker as usize / THREADS,
+                    s["process"].as_u64().unwrap() as usize
+                );
                 partitions.push(part);
             }
         }
@@ -276,7 +285,10 @@ fn two_processes_of_two_workers_match_one_process() {
         if let Some(status) = survivor.child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "process 0 kept running without process 1");
+        assert!(
+            Instant::now() < deadline,
+            "process 0 kept running without process 1"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success(), "losing a peer is an error exit");

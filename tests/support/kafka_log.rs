@@ -89,7 +89,11 @@ pub fn make_log(dir: &Path) -> (PathBuf, PathBuf) {
 pub const ENGINE: &str = "[engine]\nclock = \"event\"\nallowed_lateness = \"0s\"\ndedup_horizon = \"3650d\"\ntick = \"10ms\"\n";
 
 /// `persona replay` of the log: the as_of, the profiles by user and the dead letters.
-pub fn replay(dir: &Path, events: &Path, catalog: &Path) -> (u64, BTreeMap<String, Value>, Vec<Value>) {
+pub fn replay(
+    dir: &Path,
+    events: &Path,
+    catalog: &Path,
+) -> (u64, BTreeMap<String, Value>, Vec<Value>) {
     let config = dir.join("replay.toml");
     std::fs::write(&config, ENGINE).unwrap();
     let dump = dir.join("replay.jsonl");
@@ -155,4 +159,3 @@ pub fn positions(engine: &Process, field: &str) -> i64 {
         .map(|s| s.iter().filter_map(|p| p[field].as_i64()).sum())
         .unwrap_or(0)
 }
-
