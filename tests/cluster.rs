@@ -157,6 +157,15 @@ fn caught_up(engines: &[&[&Process]], total: i64, max_ts: u64, last: Option<(&st
     }
 }
 
+/// A one-event log of user `zz-last` at `ts`, which moves the event clock there.
+fn clock_event(dir: &Path, id: &str, ts: u64) -> std::path::PathBuf {
+    let path = dir.join(format!("{id}.jsonl"));
+    let event =
+        serde_json::json!({"event_id": id, "user_id": "zz-last", "type": "page_view", "ts": ts});
+    std::fs::write(&path, format!("{event}\n")).unwrap();
+    path
+}
+
 #[test]
 fn two_processes_of_two_workers_match_one_process() {
     let dir = tempfile::tempdir().unwrap();
@@ -167,15 +176,7 @@ fn two_processes_of_two_workers_match_one_process() {
     create_topics(&broker);
     produce(&broker.addr, CATALOG, &catalog);
     produce(&broker.addr, EVENTS, &events);
-    let last = dir.path().join("last.jsonl");
-    std::fs::write(
-        &last,
-        format!(
-            "{{\"event_id\":\"zz-last\",\"user_id\":\"zz-last\",\"type\":\"page_view\",\"ts\":{}}}\n",
-            max_ts + 1
-        ),
-    )
-    .unwrap();
+    let last = clock_event(dir.path(), "zz-last", max_ts + 1);
     let total = (lines(&events).len() + lines(&catalog).len()) as i64;
 
     let mut single = spawn_listening({
@@ -304,15 +305,7 @@ fn two_processes_of_two_workers_match_one_process() {
     // last event among the others (the clock may pass max_ts early, making some events late),
     // so both engines are compared one event later, at max_ts + 1.
     cluster.restart();
-    let later = dir.path().join("later.jsonl");
-    std::fs::write(
-        &later,
-        format!(
-            "{{\"event_id\":\"zz-later\",\"user_id\":\"zz-last\",\"type\":\"page_view\",\"ts\":{}}}\n",
-            max_ts + 2
-        ),
-    )
-    .unwrap();
+    let later = clock_event(dir.path(), "zz-later", max_ts + 2);
     caught_up(
         &[&[&cluster.processes[0], &cluster.processes[1]]],
         total + 1,
