@@ -541,14 +541,15 @@ fn run_worker(
     ) = worker.dataflow::<Time, _, _>(|scope| {
         let (events_in, raw) = scope.new_collection::<Event, isize>();
         let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
-        // In a cluster, events and catalog records wait for their strings to be installed in
-        // every process that needs them.
+        // In a cluster, the event clock follows the largest ts parsed by any process.
         let max_share = settings.cluster.as_ref().map(|_| {
             let shared = shared.clone();
             crate::cluster::MaxShare::new(scope, move |v| {
                 shared.max_ts.fetch_max(v, Ordering::AcqRel);
             })
         });
+        // In a cluster, events and catalog records wait for their strings to be installed in
+        // every process that needs them.
         let (announcer, raw, catalog) = if settings.cluster.is_some() {
             let (announcer, installed) =
                 crate::cluster::Announcer::new(scope, shared.names.clone());

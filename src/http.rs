@@ -39,6 +39,14 @@ fn json_bytes(status: StatusCode, body: Vec<u8>) -> Reply {
     r
 }
 
+/// `reply` with the header naming the (cluster-wide) worker that answered it.
+fn answered_by(mut reply: Reply, worker: usize) -> Reply {
+    reply
+        .headers_mut()
+        .insert("x-persona-worker", HeaderValue::from(worker as u64));
+    reply
+}
+
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
     json_reply(
         status,
@@ -323,10 +331,7 @@ async fn recommendations(shared: &Arc<Shared>, raw_user: &str, query: Option<&st
         } => {
             shared.metrics.exposed(&name, items.len());
             let body = render::recommendations(&user_id, as_of, &name, &items, &shared.names);
-            let mut r = json_reply(StatusCode::OK, &body);
-            r.headers_mut()
-                .insert("x-persona-worker", HeaderValue::from(worker as u64));
-            r
+            answered_by(json_reply(StatusCode::OK, &body), worker)
         }
         other => unanswered(shared, other, "recommendations"),
     }
@@ -366,15 +371,13 @@ async fn similar(shared: &Arc<Shared>, raw_item: &str, query: Option<&str>) -> R
             as_of,
             items,
             worker,
-        } => {
-            let mut r = json_reply(
+        } => answered_by(
+            json_reply(
                 StatusCode::OK,
                 &render::similar(&item_id, as_of, &items, &shared.names),
-            );
-            r.headers_mut()
-                .insert("x-persona-worker", HeaderValue::from(worker as u64));
-            r
-        }
+            ),
+            worker,
+        ),
         other => unanswered(shared, other, "similar items"),
     }
 }
@@ -420,10 +423,10 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
         ) {
             Some(p) => {
                 // Serialized from the struct, so fields keep SPEC §4's order.
-                let mut r = json_bytes(StatusCode::OK, serde_json::to_vec(&p).unwrap_or_default());
-                r.headers_mut()
-                    .insert("x-persona-worker", HeaderValue::from(worker as u64));
-                r
+                answered_by(
+                    json_bytes(StatusCode::OK, serde_json::to_vec(&p).unwrap_or_default()),
+                    worker,
+                )
             }
             None => not_found(&user_id, as_of),
         },
