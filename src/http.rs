@@ -357,16 +357,11 @@ async fn similar(shared: &Arc<Shared>, raw_item: &str, query: Option<&str>) -> R
         .await;
     match answer {
         // An id no event or catalog record ever named is unknown; a known item may have none.
-        Answer::Similar { as_of, .. } if shared.names.get(item).is_none() => {
-            let mut r = error(
-                StatusCode::NOT_FOUND,
-                "item_not_found",
-                format!("no event or catalog record names item {item_id:?} as of {as_of}"),
-            );
-            r.headers_mut()
-                .insert("x-persona-as-of-ms", HeaderValue::from(as_of));
-            r
-        }
+        Answer::Similar { as_of, .. } if shared.names.get(item).is_none() => missing_at(
+            "item_not_found",
+            format!("no event or catalog record names item {item_id:?} as of {as_of}"),
+            as_of,
+        ),
         Answer::Similar {
             as_of,
             items,
@@ -451,11 +446,16 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
 }
 
 fn not_found(user_id: &str, as_of: u64) -> Reply {
-    let mut r = error(
-        StatusCode::NOT_FOUND,
+    missing_at(
         "user_not_found",
         format!("no events for user {user_id:?} as of {as_of}"),
-    );
+        as_of,
+    )
+}
+
+/// A 404 about state: it says (in `x-persona-as-of-ms`) the time at which the id was unknown.
+fn missing_at(code: &str, message: String, as_of: u64) -> Reply {
+    let mut r = error(StatusCode::NOT_FOUND, code, message);
     r.headers_mut()
         .insert("x-persona-as-of-ms", HeaderValue::from(as_of));
     r
