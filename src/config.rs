@@ -4,6 +4,7 @@
 //! [`Settings`] is the validated form the engine runs with (durations in ms, window widths).
 
 use anyhow::{bail, Context, Result};
+use persona_dataflows::rules::Rule;
 use persona_dataflows::{Similarity, Strategy, StrategyKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// The embedded default configuration (`config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub engine: EngineConfig,
@@ -21,6 +22,64 @@ pub struct Config {
     pub http: HttpConfig,
     pub recommendations: RecommendationsConfig,
     pub cluster: ClusterConfig,
+    /// `[segments]`: segment name → rule over profile fields (see `persona_dataflows::rules`).
+    /// Leaving the section out keeps the default segments; an empty `[segments]` has none.
+    pub segments: BTreeMap<String, String>,
+    pub triggers: TriggersConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            engine: EngineConfig::default(),
+            source: SourceConfig::default(),
+            kafka: KafkaConfig::default(),
+            http: HttpConfig::default(),
+            recommendations: RecommendationsConfig::default(),
+            cluster: ClusterConfig::default(),
+            segments: default_segments(),
+            triggers: TriggersConfig::default(),
+        }
+    }
+}
+
+/// The segments of `config/default.toml`, also what a config without `[segments]` gets.
+fn default_segments() -> BTreeMap<String, String> {
+    [
+        ("buyer", "counts.purchase >= 1"),
+        (
+            "cart_abandoner",
+            "windows.24h.add_to_cart >= 1 && windows.24h.purchase == 0",
+        ),
+        ("engaged", "engagement_score >= 50"),
+        ("mobile", "last_device == \"mobile\""),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// `[triggers]`: where segment entries and exits go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TriggersConfig {
+    /// "file" (JSON Lines at `path`), "kafka" (`kafka.triggers_topic`, with `path` as the
+    /// fallback for records Kafka does not take) or "none".
+    pub sink: String,
+    pub path: PathBuf,
+    /// Messages a live subscriber (`/v1/users/{id}/stream`) may have waiting before it is
+    /// dropped as too slow.
+    pub stream_buffer: usize,
+}
+
+impl Default for TriggersConfig {
+    fn default() -> Self {
+        TriggersConfig {
+            sink: "file".into(),
+            path: "triggers.jsonl".into(),
+            stream_buffer: 256,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +162,8 @@ pub struct KafkaConfig {
     pub catalog_topic: String,
     /// Rejected messages; "" writes them to `source.dead_letter_path` instead.
     pub dead_letter_topic: String,
+    /// Segment entries and exits, when `triggers.sink = "kafka"`.
+    pub triggers_topic: String,
     /// Where reading starts when the engine starts: "earliest" (the whole retained topic) or
     /// "latest" (only new messages).
     pub start_offset: String,
@@ -118,6 +179,7 @@ impl Default for KafkaConfig {
             events_topic: "persona-events".into(),
             catalog_topic: "persona-catalog".into(),
             dead_letter_topic: "persona-dead-letters".into(),
+            triggers_topic: "persona-triggers".into(),
             start_offset: "earliest".into(),
             properties: BTreeMap::new(),
         }
@@ -310,13 +372,15 @@ impl Config {
     }
 }
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 8] = [
     "engine",
     "source",
     "kafka",
     "http",
     "recommendations",
     "cluster",
+    "segments",
+    "triggers",
 ];
 
 /// `PERSONA_<SECTION>_<KEY>=value`: the value is read as a TOML value (number, bool, array,
@@ -382,6 +446,16 @@ pub struct Settings {
     pub recommendations: Option<RecommendSettings>,
     /// `None`: a single process.
     pub cluster: Option<Cluster>,
+    /// Segments by name (ascending: a segment's id is its index).
+    pub segments: Vec<Segment>,
+    pub triggers: TriggersConfig,
+}
+
+/// A configured segment.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub name: String,
+    pub rule: Rule,
 }
 
 /// A validated cluster layout, as seen by one of its processes.
@@ -537,6 +611,63 @@ impl RecommendSettings {
     }
 }
 
+/// `dir/name.ext` → `dir/name.pN.ext`: process N's own file.
+fn per_process(path: &Path, process: usize) -> PathBuf {
+    if path.as_os_str().is_empty() {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}.p{process}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.p{process}"),
+    };
+    path.with_file_name(name)
+}
+
+/// Compiles every `[segments]` rule; a bad one fails with its name and the column.
+fn segments(config: &Config, labels: &[&str]) -> Result<Vec<Segment>> {
+    let mut out = Vec::new();
+    for (name, text) in &config.segments {
+        let valid = name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && !name.is_empty()
+            && name.len() <= 64;
+        if !valid {
+            bail!("segments.{name}: a segment name is 1 to 64 letters, digits, '_' or '-'");
+        }
+        let rule = Rule::compile(text, labels, &mut |s| crate::names::hash(s))
+            .map_err(|e| anyhow::anyhow!("segments.{name} = {text:?}: {e}"))?;
+        out.push(Segment {
+            name: name.clone(),
+            rule,
+        });
+    }
+    Ok(out)
+}
+
+fn triggers(config: &Config) -> Result<TriggersConfig> {
+    let t = &config.triggers;
+    match t.sink.as_str() {
+        "none" => {}
+        "file" => {
+            if t.path.as_os_str().is_empty() {
+                bail!("triggers.path is empty (triggers.sink = \"file\" writes there)");
+            }
+        }
+        "kafka" => {
+            if config.kafka.triggers_topic.trim().is_empty() {
+                bail!("kafka.triggers_topic is empty (triggers.sink = \"kafka\" writes there)");
+            }
+        }
+        other => bail!("triggers.sink = {other:?}: expected \"file\", \"kafka\" or \"none\""),
+    }
+    if t.stream_buffer == 0 {
+        bail!("triggers.stream_buffer must be at least 1");
+    }
+    Ok(t.clone())
+}
+
 /// Width of the window the engagement score is defined on (SPEC §4).
 pub const SCORE_WINDOW_MS: u64 = 7 * 24 * 3_600_000;
 
@@ -599,6 +730,8 @@ impl Settings {
                 bail!("kafka.events_topic is empty");
             }
         }
+        let labels: Vec<&str> = windows.iter().map(|w| w.label.as_str()).collect();
+        let segments_compiled = segments(config, &labels)?;
         Ok(Settings {
             workers: e.workers,
             clock: e.clock,
@@ -625,6 +758,8 @@ impl Settings {
                 None
             },
             cluster: None,
+            segments: segments_compiled,
+            triggers: triggers(config)?,
         })
     }
 
@@ -699,16 +834,9 @@ impl Settings {
         }
         self.workers = threads;
         self.listen = config.http[process].clone();
-        // Processes on one machine must not append to one dead-letter file.
-        let dead = &self.source.dead_letter_path;
-        if !dead.as_os_str().is_empty() {
-            let stem = dead.file_stem().unwrap_or_default().to_string_lossy();
-            let name = match dead.extension() {
-                Some(ext) => format!("{stem}.p{process}.{}", ext.to_string_lossy()),
-                None => format!("{stem}.p{process}"),
-            };
-            self.source.dead_letter_path = dead.with_file_name(name);
-        }
+        // Processes on one machine must not append to one dead-letter or triggers file.
+        self.source.dead_letter_path = per_process(&self.source.dead_letter_path, process);
+        self.triggers.path = per_process(&self.triggers.path, process);
         self.cluster = Some(Cluster {
             process,
             addresses: config.addresses.clone(),

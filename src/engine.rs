@@ -20,9 +20,10 @@ use crate::source::{LineSource, Next, Origin, Stream};
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use differential_dataflow::input::{Input, InputSession};
+use persona_dataflows::rules::Rule;
 use persona_dataflows::{
     profiles, Event, InteractionConfig, PopularConfig, ProfileState, ProfileTraces,
-    RecommendConfig, RecommendTraces, SimilarConfig, Time, ViewConfig,
+    RecommendConfig, RecommendTraces, SegmentConfig, SimilarConfig, Time, ViewConfig,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -114,6 +115,8 @@ pub struct Shared {
     /// Largest valid `ts` parsed by any worker.
     pub max_ts: AtomicU64,
     pub started: Instant,
+    /// Triggers and live subscribers.
+    pub live: crate::live::Live,
 }
 
 impl Shared {
@@ -121,9 +124,17 @@ impl Shared {
         settings: Settings,
         source_path: PathBuf,
         dead_letters: Sink,
+        triggers: Option<Sink>,
         kafka: Option<Arc<kafka::Monitor>>,
     ) -> Arc<Shared> {
         let metrics = Metrics::new();
+        let names = Names::default();
+        let live = crate::live::Live::new(
+            triggers,
+            &settings.segments,
+            names.clone(),
+            settings.triggers.stream_buffer,
+        );
         let workers = settings.workers;
         let (first, peers) = match &settings.cluster {
             Some(c) => (c.process * c.threads, c.peers()),
@@ -133,7 +144,8 @@ impl Shared {
             dead: DeadLetters::new(dead_letters, metrics.clone()),
             kafka,
             metrics,
-            names: Names::default(),
+            names,
+            live,
             router: Router::new(workers, first, peers),
             workers: (0..workers).map(|_| WorkerStatus::default()).collect(),
             source_path,
@@ -528,6 +540,7 @@ fn run_worker(
         .map(|r| r.refresh_ms)
         .filter(|ms| !replay && *ms > 1);
     let refresh_ticks = settings.recommendations.is_some() && (replay || refresh_every.is_some());
+    let segment_config = segment_config(settings, shared);
     let mut last_refresh = 0u64;
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
@@ -577,11 +590,13 @@ fn run_worker(
             catalog,
             &view_config,
             recommend_config.as_ref(),
+            segment_config.as_ref(),
             refresh.as_ref(),
             observer,
         );
         let (probe, _) = views.basics.stream.clone().probe();
         views.features.stream.clone().probe_with(&probe);
+        watch_changes(&views, shared);
         let recommend = views.recommend.as_ref().map(|r| {
             r.affinity.stream.clone().probe_with(&probe);
             r.neighbours.stream.clone().probe_with(&probe);
@@ -600,6 +615,7 @@ fn run_worker(
             ProfileTraces {
                 basics: views.basics.trace,
                 features: views.features.trace,
+                segments: views.segments.map(|s| s.trace),
             },
             recommend,
             probe,
@@ -940,6 +956,89 @@ fn run_worker(
     Ok(())
 }
 
+/// The segment view's configuration (`None` without segments).
+fn segment_config(settings: &Settings, shared: &Shared) -> Option<SegmentConfig> {
+    if settings.segments.is_empty() {
+        return None;
+    }
+    let labels: Vec<&str> = settings.windows.iter().map(|w| w.label.as_str()).collect();
+    // Compiled again with the name table, so that names rules mention can be shown.
+    let rules = settings
+        .segments
+        .iter()
+        .map(|s| {
+            Rule::compile(s.rule.text(), &labels, &mut |n| shared.names.intern(n))
+                .unwrap_or_else(|_| s.rule.clone())
+        })
+        .collect();
+    Some(SegmentConfig {
+        rules: Arc::new(rules),
+        windows_ms: settings.windows.iter().map(|w| w.width_ms).collect(),
+        score_window_ms: crate::config::SCORE_WINDOW_MS,
+        weights: Arc::new(
+            settings
+                .weights
+                .iter()
+                .map(|(kind, w)| (shared.names.intern(kind), *w))
+                .collect(),
+        ),
+        default_weight: settings.default_weight,
+        names: shared.names.order(),
+    })
+}
+
+/// Calls `$f(user, value, time, diff)` for every update of an arrangement batch keyed by user.
+macro_rules! for_each_update {
+    ($span:expr, $f:expr) => {{
+        use differential_dataflow::trace::{Cursor, Navigable};
+        if let Some(batch) = $span.inner.as_ref() {
+            let batch = &**batch;
+            let mut cursor = batch.cursor();
+            while let Some(user) = cursor.get_key(batch).copied() {
+                while let Some(val) = cursor.get_val(batch) {
+                    cursor.map_times(batch, |t, r| $f(user.0, val, *t, *r));
+                    cursor.step_val(batch);
+                }
+                cursor.step_key(batch);
+            }
+        }
+    }};
+}
+
+/// Hooks the triggers sink and live subscribers to the arrangements' batches: each batch holds
+/// exactly the changes of times that just completed, once.
+fn watch_changes(views: &persona_dataflows::Views<'_>, shared: &Arc<Shared>) {
+    use timely::dataflow::operators::Inspect;
+    if let Some(segments) = views.segments.as_ref() {
+        let shared = shared.clone();
+        segments.stream.clone().inspect(move |batch| {
+            let mut changes: Vec<(u64, u64, u32, isize)> = Vec::new();
+            for_each_update!(batch, |user, id: &u32, t, r| changes
+                .push((t, user, *id, r)));
+            changes.sort_unstable();
+            shared.live.triggers(&changes);
+            if shared.live.hub.active() {
+                for (t, user, _, _) in &changes {
+                    shared.live.hub.changed(*user, *t);
+                }
+            }
+        });
+    }
+    // A profile changes with its basics (every event) and its features (windows moving).
+    let watched = shared.clone();
+    views.basics.stream.clone().inspect(move |batch| {
+        if watched.live.hub.active() {
+            for_each_update!(batch, |user, _, t, _| watched.live.hub.changed(user, t));
+        }
+    });
+    let watched = shared.clone();
+    views.features.stream.clone().inspect(move |batch| {
+        if watched.live.hub.active() {
+            for_each_update!(batch, |user, _, t, _| watched.live.hub.changed(user, t));
+        }
+    });
+}
+
 /// The recommendation views' configuration, from the settings.
 fn recommend_config(r: &crate::config::RecommendSettings, shared: &Shared) -> RecommendConfig {
     let names = shared.names.order();
@@ -1010,6 +1109,9 @@ fn answer(
                     worker,
                     state: state.map(Box::new),
                 }),
+            (Ask::SegmentCounts, _) => traces
+                .segment_counts(as_of, shared.settings.segments.len())
+                .map(|counts| Answer::SegmentCounts { as_of, counts }),
             (Ask::Recommend { .. } | Ask::Similar { .. }, None) => Ok(Answer::Disabled),
             (Ask::Recommend { strategy, limit }, Some(r)) => traces
                 .read_user(q.user, as_of)

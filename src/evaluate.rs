@@ -228,6 +228,7 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
         &train_path,
         args.catalog.as_deref(),
         &dir.path().join("dead-letters.jsonl"),
+        None,
         true,
     )?;
     let shared = replayed.shared.clone();

@@ -6,7 +6,7 @@
 use crate::engine::Shared;
 use crate::query::{Answer, Ask};
 use crate::render;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -25,17 +25,33 @@ pub const MAX_TIMEOUT_MS: u64 = 60_000;
 /// Default wait for `min_as_of_ms`, and for a first complete time.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 
-type Reply = Response<Full<Bytes>>;
+/// A whole body, or a stream of server-sent events.
+pub type Body = Either<Full<Bytes>, crate::stream::SseBody>;
+type Reply = Response<Body>;
+
+/// The dashboard (SPEC §6 live delivery): one static page, no build step.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 fn json_reply(status: StatusCode, body: &serde_json::Value) -> Reply {
     json_bytes(status, body.to_string().into_bytes())
 }
 
 fn json_bytes(status: StatusCode, body: Vec<u8>) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn dashboard() -> Reply {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
+        DASHBOARD.as_bytes(),
+    ))));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     r
 }
 
@@ -115,6 +131,9 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         }
     }
     let (label, mut reply) = match (req.method(), segments.as_slice()) {
+        (&Method::GET, [""]) => ("dashboard", dashboard()),
+        (&Method::GET, ["v1", "users", user, "stream"]) => ("stream", stream(shared, user)),
+        (&Method::GET, ["v1", "segments"]) => ("segments", segment_list(shared, forwarded).await),
         (&Method::GET, ["v1", "users", user]) => {
             ("profile", profile(shared, user, req.uri().query()).await)
         }
@@ -133,6 +152,9 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         (&Method::GET, ["readyz"]) => ("readyz", readyz(shared)),
         (&Method::GET, ["metrics"]) => ("metrics", metrics(shared)),
         (_, ["v1", "users", _])
+        | (_, [""])
+        | (_, ["v1", "users", _, "stream"])
+        | (_, ["v1", "segments"])
         | (_, ["v1", "users", _, "recommendations"])
         | (_, ["v1", "items", _, "similar"])
         | (_, ["v1", "status"])
@@ -192,7 +214,7 @@ async fn forward(shared: &Arc<Shared>, process: usize, target: &str, query: Opti
     let timeout = Duration::from_millis(wait + 2_000);
     let address = &cluster.http[process];
     match crate::forward::get(address, target, cluster.process, timeout).await {
-        Ok(reply) => reply,
+        Ok(reply) => reply.map(Either::Left),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "process_unavailable",
@@ -445,6 +467,111 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
     }
 }
 
+/// `GET /v1/users/{id}/stream`. In a cluster, a user of another process is redirected there:
+/// a stream is not relayed.
+fn stream(shared: &Arc<Shared>, raw_user: &str) -> Reply {
+    let user_id = match path_id(raw_user, "user") {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    if let Some(cluster) = shared.settings.cluster.as_ref() {
+        let process = cluster.process_of(shared.router.owner(crate::names::hash(&user_id)));
+        if process != cluster.process {
+            let mut r = error(
+                StatusCode::TEMPORARY_REDIRECT,
+                "redirect",
+                format!("user {user_id:?} is streamed by process {process}"),
+            );
+            let location = format!(
+                "http://{}/v1/users/{raw_user}/stream",
+                cluster.http[process]
+            );
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(hyper::header::LOCATION, v);
+            }
+            return r;
+        }
+    }
+    if shared.stopping() {
+        return unanswered(shared, Answer::Unavailable, "streams");
+    }
+    let mut r = Response::new(Either::Right(crate::stream::start(shared.clone(), user_id)));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    h.insert(
+        hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    r
+}
+
+/// `GET /v1/segments`: every segment with its rule and members, at this process's latest
+/// complete time; in a cluster, summed over the processes (each asked for its own).
+async fn segment_list(shared: &Arc<Shared>, local: bool) -> Reply {
+    let timeout = Duration::from_millis(DEFAULT_TIMEOUT_MS);
+    let mut counts = vec![0u64; shared.settings.segments.len()];
+    let mut as_of: Option<u64> = None;
+    for answer in shared.router.ask_all(Ask::SegmentCounts, timeout).await {
+        match answer {
+            Answer::SegmentCounts {
+                as_of: t,
+                counts: c,
+            } => {
+                as_of = Some(as_of.map_or(t, |a| a.min(t)));
+                counts.iter_mut().zip(c).for_each(|(n, m)| *n += m);
+            }
+            other => return unanswered(shared, other, "segments"),
+        }
+    }
+    if let (Some(cluster), false) = (shared.settings.cluster.as_ref(), local) {
+        let others = (0..cluster.processes()).filter(|p| *p != cluster.process);
+        for p in others {
+            let address = &cluster.http[p];
+            let reply =
+                crate::forward::get(address, "/v1/segments", cluster.process, timeout).await;
+            let body = match reply {
+                Ok(r) if r.status() == StatusCode::OK => {
+                    use http_body_util::BodyExt;
+                    r.into_body().collect().await.map(|b| b.to_bytes()).ok()
+                }
+                _ => None,
+            };
+            let Some(v) = body.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "process_unavailable",
+                    format!("process {p} ({address}) did not give its segment counts"),
+                );
+            };
+            if let Some(t) = v["as_of_ms"].as_u64() {
+                as_of = Some(as_of.map_or(t, |a| a.min(t)));
+            }
+            for (n, seg) in counts
+                .iter_mut()
+                .zip(v["segments"].as_array().into_iter().flatten())
+            {
+                *n += seg["members"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    let segments: Vec<_> = shared
+        .settings
+        .segments
+        .iter()
+        .zip(&counts)
+        .map(|(s, n)| json!({"name": s.name, "rule": s.rule.text(), "members": n}))
+        .collect();
+    json_reply(
+        StatusCode::OK,
+        &json!({"as_of_ms": as_of, "segments": segments}),
+    )
+}
+
 fn not_found(user_id: &str, as_of: u64) -> Reply {
     missing_at(
         "user_not_found",
@@ -648,7 +775,9 @@ fn readyz(shared: &Arc<Shared>) -> Reply {
 }
 
 fn metrics(shared: &Arc<Shared>) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(
+        shared.metrics.render(),
+    ))));
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

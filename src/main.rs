@@ -49,6 +49,9 @@ enum Command {
         /// Dead-letter file (default: source.dead_letter_path of the config).
         #[arg(long)]
         dead_letters: Option<PathBuf>,
+        /// Write every segment entry and exit, in time order per user (JSON Lines).
+        #[arg(long)]
+        triggers: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -130,6 +133,7 @@ fn main() -> Result<()> {
             catalog,
             dump,
             dead_letters,
+            triggers,
             config,
             workers,
             process,
@@ -144,6 +148,7 @@ fn main() -> Result<()> {
                     catalog,
                     dump,
                     dead_letters,
+                    triggers,
                     serve,
                 },
             )

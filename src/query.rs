@@ -25,6 +25,8 @@ pub enum Ask {
         item: u64,
         limit: usize,
     },
+    /// Members of each segment among this worker's users (every worker is asked).
+    SegmentCounts,
 }
 
 /// A read, sent to the worker that owns `user`.
@@ -60,6 +62,8 @@ pub enum Answer {
         worker: usize,
         items: Vec<Neighbour>,
     },
+    /// This worker's member count of each segment (by id) at `as_of`.
+    SegmentCounts { as_of: u64, counts: Vec<u64> },
     /// Recommendations are turned off in the configuration.
     Disabled,
     /// `min_as_of` was not reached before the deadline; the clock is at `as_of`.
@@ -128,6 +132,17 @@ impl Router {
         self.wake(worker);
     }
 
+    /// Sends `query` to local worker `worker`, whatever its routing key.
+    fn send_to(&self, worker: usize, query: Query) {
+        match self.senders.get(worker).map(|s| s.send(query)) {
+            Some(Ok(())) => self.wake(worker),
+            Some(Err(e)) => {
+                let _ = e.into_inner().reply.send(Answer::Unavailable);
+            }
+            None => {}
+        }
+    }
+
     pub fn wake(&self, worker: usize) {
         if let Some(t) = self.threads[worker].get() {
             t.unpark();
@@ -162,6 +177,36 @@ impl Router {
             Ok(Err(_)) => Answer::Unavailable,
             Err(_) => Answer::Timeout { as_of: None },
         }
+    }
+
+    /// Asks every local worker, and waits for all their answers (in worker order).
+    pub async fn ask_all(&self, ask: Ask, timeout: std::time::Duration) -> Vec<Answer> {
+        let mut replies = Vec::new();
+        for worker in 0..self.senders.len() {
+            let (tx, rx) = oneshot::channel();
+            self.send_to(
+                worker,
+                Query {
+                    user: 0,
+                    ask: ask.clone(),
+                    min_as_of: None,
+                    deadline: Instant::now() + timeout,
+                    reply: tx,
+                },
+            );
+            replies.push(rx);
+        }
+        let mut answers = Vec::new();
+        for rx in replies {
+            let answer =
+                match tokio::time::timeout(timeout + std::time::Duration::from_secs(1), rx).await {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(_)) => Answer::Unavailable,
+                    Err(_) => Answer::Timeout { as_of: None },
+                };
+            answers.push(answer);
+        }
+        answers
     }
 
     /// [`Router::ask`] for callers outside an async runtime (commands, tests).

@@ -131,7 +131,11 @@ pub fn profile(
             },
         },
         engagement_score,
-        segments: Vec::new(),
+        segments: state
+            .segments
+            .iter()
+            .filter_map(|id| settings.segments.get(*id as usize).map(|s| s.name.clone()))
+            .collect(),
     })
 }
 

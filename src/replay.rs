@@ -75,6 +75,7 @@ pub fn replay(
     events: &Path,
     catalog: Option<&Path>,
     dead_letters: &Path,
+    triggers: Option<&Path>,
     serve: bool,
 ) -> Result<Replayed> {
     if !events.is_file() {
@@ -97,6 +98,7 @@ pub fn replay(
         settings,
         events.to_path_buf(),
         Sink::File(FileSink::new(dead_letters)),
+        triggers.map(|t| Sink::File(FileSink::new(t))),
         None,
     );
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -252,6 +254,8 @@ pub struct Command {
     pub catalog: Option<PathBuf>,
     pub dump: Option<PathBuf>,
     pub dead_letters: Option<PathBuf>,
+    /// Write every segment entry and exit here (JSON Lines, created anew).
+    pub triggers: Option<PathBuf>,
     pub serve: bool,
 }
 
@@ -261,11 +265,17 @@ pub fn command(settings: Settings, cmd: Command) -> Result<()> {
         .clone()
         .unwrap_or_else(|| settings.source.dead_letter_path.clone());
     let listen = settings.listen.clone();
+    if let Some(t) = &cmd.triggers {
+        // A replay's triggers are the log's alone: never appended to an older run's.
+        std::fs::File::create(t)
+            .with_context(|| format!("cannot create triggers file {}", t.display()))?;
+    }
     let replayed = replay(
         settings,
         &cmd.events,
         cmd.catalog.as_deref(),
         &dead,
+        cmd.triggers.as_deref(),
         cmd.serve,
     )?;
     if let Some(path) = &cmd.dump {

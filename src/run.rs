@@ -40,12 +40,15 @@ pub fn command(settings: Settings) -> Result<()> {
         )
     };
     let listen = settings.listen.clone();
-    let shared = Shared::new(settings, source.path.clone(), dead, monitor);
+    let triggers = crate::live::sink(&settings)?;
+    let shared = Shared::new(settings, source.path.clone(), dead, triggers, monitor);
     let server = Server::start(&listen, shared.clone(), true)?;
     tracing::info!(
         workers = shared.workers.len(),
         source = label,
         dead_letters = shared.dead.describe(),
+        segments = shared.settings.segments.len(),
+        triggers = shared.live.describe(),
         "persona listening on http://{}",
         server.addr
     );
@@ -69,6 +72,7 @@ pub fn command(settings: Settings) -> Result<()> {
     shared.shutdown();
     server.join();
     shared.dead.flush();
+    shared.live.flush();
     if result.is_ok() {
         tracing::info!("stopped");
     }

@@ -84,8 +84,15 @@ fn serve(events: &[String], catalog: &[String], workers: usize, strategy: &str) 
     let (ev, cat) = support::write_log(dir.path(), events, catalog);
     let s = settings(workers);
     let strategy = s.recommendations.as_ref().unwrap().strategies[strategy].clone();
-    let replayed =
-        persona::replay::replay(s, &ev, Some(&cat), &dir.path().join("dead.jsonl"), true).unwrap();
+    let replayed = persona::replay::replay(
+        s,
+        &ev,
+        Some(&cat),
+        &dir.path().join("dead.jsonl"),
+        None,
+        true,
+    )
+    .unwrap();
     let shared = replayed.shared.clone();
     let names = &shared.names;
     let mut answers = HashMap::new();

@@ -19,6 +19,7 @@
 //! | [`interactions`] | O(log n + K) | one entry per item event within the horizon; one per (user, purchased item) |
 //! | [`similar`] | O(K) pair updates; re-ranking an item is O(its co-items), once per refresh | one record per co-occurring pair; items × M neighbours per worker |
 //! | [`popular`] | O(1); re-ranking a list is O(its items), once per refresh | one record per event in the window |
+//! | [`segments`] | O(1) facts (2 per window a rule reads) + one evaluation of the rules | per user: its basics and the facts rules read; one pending retraction per event and window read |
 //! | [`recommend`] | nothing: a read costs O(K·M) | (reads the three above, and the catalog copied to every worker) |
 //!
 //! Every key routes by [`event::route_hash`] of the user, so one user's state is on one worker.
@@ -32,6 +33,8 @@ pub mod interactions;
 pub mod popular;
 pub mod profile;
 pub mod recommend;
+pub mod rules;
+pub mod segments;
 pub mod similar;
 pub mod windows;
 
@@ -40,7 +43,10 @@ pub use dedup::DedupObserver;
 pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM};
 pub use interactions::{Affinity, InteractionConfig};
 pub use popular::{Popular, PopularConfig};
-pub use profile::{profiles, Feature, ProfileState, ProfileTraces, ReadError, ViewConfig, Views};
+pub use profile::{
+    profiles, Feature, ProfileState, ProfileTraces, ReadError, SegmentTrace, ViewConfig, Views,
+};
 pub use recommend::{Reason, RecommendConfig, RecommendTraces, Scored, Strategy, StrategyKind};
+pub use segments::SegmentConfig;
 pub use similar::{Neighbour, SimilarConfig, Similarity};
 pub use windows::Ticks;

@@ -12,6 +12,7 @@
 use crate::basics::{self, Basics};
 use crate::event::{route_hash, Device, Event, NameOrder, Time, UserKey};
 use crate::recommend::{recommendation_views, RecommendConfig, RecommendViews};
+use crate::segments::{self, SegmentConfig};
 use crate::windows::{self, Ticks};
 use crate::{categories, counts, dedup};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
@@ -41,11 +42,15 @@ pub enum Feature {
 
 pub type BasicsTrace = TraceAgent<ValSpine<UserKey, Basics, Time, isize>>;
 pub type FeatureTrace = TraceAgent<ValSpine<UserKey, Feature, Time, isize>>;
+/// Segment memberships: `(user, segment id)`.
+pub type SegmentTrace = TraceAgent<ValSpine<UserKey, u32, Time, isize>>;
 
 /// The maintained profile arrangements of one worker.
 pub struct ProfileTraces {
     pub basics: BasicsTrace,
     pub features: FeatureTrace,
+    /// Present when segments are configured.
+    pub segments: Option<SegmentTrace>,
 }
 
 /// What the views are built with.
@@ -65,6 +70,8 @@ pub struct ViewConfig {
 pub struct Views<'s> {
     pub basics: Arranged<'s, BasicsTrace>,
     pub features: Arranged<'s, FeatureTrace>,
+    /// Present when segments are configured; its batches are the triggers.
+    pub segments: Option<Arranged<'s, SegmentTrace>>,
     /// Present when recommendations are on.
     pub recommend: Option<RecommendViews<'s>>,
 }
@@ -76,6 +83,7 @@ pub fn profiles<'s>(
     catalog: VecCollection<'s, Time, (u64, u64)>,
     config: &ViewConfig,
     recommend: Option<&RecommendConfig>,
+    segment_config: Option<&SegmentConfig>,
     refresh: Option<&Ticks<'s>>,
     stats: Arc<dyn dedup::DedupObserver>,
 ) -> Views<'s> {
@@ -90,17 +98,29 @@ pub fn profiles<'s>(
         config.session_gap_ms,
         config.purchase_kind,
         config.names.clone(),
-    )
-    .arrange_by_key_named("Arrange: basics");
+    );
     let recommend =
         recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), refresh, r));
-    let features = counts::counts(events.clone())
-        .concat(windows::windows(events.clone(), config.window_retention_ms))
-        .concat(categories::categories(events, catalog))
+    let counts = counts::counts(events.clone());
+    let categories = categories::categories(events.clone(), catalog);
+    let segments = segment_config.map(|s| {
+        segments::segments(
+            events.clone(),
+            basics.clone(),
+            counts.clone(),
+            categories.clone(),
+            s,
+        )
+        .arrange_by_key_named("Arrange: segments")
+    });
+    let features = counts
+        .concat(windows::windows(events, config.window_retention_ms))
+        .concat(categories)
         .arrange_by_key_named("Arrange: features");
     Views {
-        basics,
+        basics: basics.arrange_by_key_named("Arrange: basics"),
         features,
+        segments,
         recommend,
     }
 }
@@ -117,6 +137,8 @@ pub struct ProfileState {
     pub categories: Vec<(u64, i64)>,
     /// (ts, type hash, count) of events within the widest window, positive only.
     pub recent: Vec<(u64, u64, i64)>,
+    /// Ids of the segments the user is in, ascending.
+    pub segments: Vec<u32>,
 }
 
 impl ProfileState {
@@ -155,84 +177,120 @@ pub enum ReadError {
 }
 
 impl ProfileTraces {
-    /// The latest time both arrangements have completed, if any.
+    /// The uppers of every arrangement (basics, features, then segments if any).
+    fn uppers(&mut self) -> Vec<Antichain<Time>> {
+        let mut out = vec![Antichain::new(), Antichain::new()];
+        self.basics.read_upper(&mut out[0]);
+        self.features.read_upper(&mut out[1]);
+        if let Some(s) = self.segments.as_mut() {
+            let mut u = Antichain::new();
+            s.read_upper(&mut u);
+            out.push(u);
+        }
+        out
+    }
+
+    /// The latest time every arrangement has completed, if any.
     pub fn latest(&mut self) -> Option<Time> {
-        let (mut a, mut b) = (Antichain::new(), Antichain::new());
-        self.basics.read_upper(&mut a);
-        self.features.read_upper(&mut b);
-        let upper = match (a.as_option(), b.as_option()) {
-            (Some(x), Some(y)) => *x.min(y),
-            (Some(x), None) | (None, Some(x)) => *x,
-            (None, None) => return Some(Time::MAX),
-        };
-        upper.checked_sub(1)
+        let upper = self
+            .uppers()
+            .iter()
+            .filter_map(|u| u.as_option().copied())
+            .min();
+        match upper {
+            Some(u) => u.checked_sub(1),
+            None => Some(Time::MAX),
+        }
     }
 
-    /// Lets both arrangements forget history before `as_of` (the oldest time still to be read).
+    /// Lets the arrangements forget history before `as_of` (the oldest time still to be read).
     pub fn compact_to(&mut self, as_of: Time) {
+        fn compact<Tr: TraceReader<Time = Time>>(trace: &mut Tr, since: &Antichain<Time>) {
+            trace.set_logical_compaction(since.borrow());
+            let mut upper = Antichain::new();
+            trace.read_upper(&mut upper);
+            trace.set_physical_compaction(upper.borrow());
+        }
         let since = Antichain::from_elem(as_of);
-        self.basics.set_logical_compaction(since.borrow());
-        self.features.set_logical_compaction(since.borrow());
-        let mut upper = Antichain::new();
-        self.basics.read_upper(&mut upper);
-        self.basics.set_physical_compaction(upper.borrow());
-        self.features.read_upper(&mut upper);
-        self.features.set_physical_compaction(upper.borrow());
+        compact(&mut self.basics, &since);
+        compact(&mut self.features, &since);
+        if let Some(s) = self.segments.as_mut() {
+            compact(s, &since);
+        }
     }
 
-    fn check(&mut self, as_of: Time) -> Result<(Antichain<Time>, Antichain<Time>), ReadError> {
-        let (mut a, mut b) = (Antichain::new(), Antichain::new());
-        self.basics.read_upper(&mut a);
-        self.features.read_upper(&mut b);
-        if a.less_equal(&as_of) || b.less_equal(&as_of) {
+    fn check(&mut self, as_of: Time) -> Result<Vec<Antichain<Time>>, ReadError> {
+        let uppers = self.uppers();
+        if uppers.iter().any(|u| u.less_equal(&as_of)) {
             return Err(ReadError::NotReady);
         }
         // Reads below the compaction frontier would be silently wrong.
         if !self.basics.get_logical_compaction().less_equal(&as_of)
             || !self.features.get_logical_compaction().less_equal(&as_of)
+            || self
+                .segments
+                .as_mut()
+                .is_some_and(|s| !s.get_logical_compaction().less_equal(&as_of))
         {
             return Err(ReadError::Compacted);
         }
-        Ok((a, b))
+        Ok(uppers)
     }
 
-    /// Cursors over both arrangements through their current uppers.
-    fn cursors(
-        &mut self,
-        upper_b: &Antichain<Time>,
-        upper_f: &Antichain<Time>,
-    ) -> (Cursors<BasicsTrace>, Cursors<FeatureTrace>) {
-        let b = self
-            .basics
-            .batches_through(upper_b.borrow())
-            .expect("reads go through the current upper");
-        let f = self
-            .features
-            .batches_through(upper_f.borrow())
-            .expect("reads go through the current upper");
-        (cursor_list(b), cursor_list(f))
+    /// Cursors over the arrangements through their current uppers.
+    fn cursors(&mut self, uppers: &[Antichain<Time>]) -> ProfileCursors {
+        ProfileCursors {
+            basics: cursors_of(&mut self.basics, &uppers[0]),
+            features: cursors_of(&mut self.features, &uppers[1]),
+            segments: self
+                .segments
+                .as_mut()
+                .zip(uppers.get(2))
+                .map(|(s, u)| cursors_of(s, u)),
+        }
     }
 
     /// The profile state of `user` at `as_of`; `Ok(None)` if the user has no events then.
     pub fn read_user(&mut self, user: u64, as_of: Time) -> Result<Option<ProfileState>, ReadError> {
-        let (upper_b, upper_f) = self.check(as_of)?;
-        let (mut b, mut f) = self.cursors(&upper_b, &upper_f);
-        Ok(state_of(&mut b, &mut f, UserKey(user), as_of))
+        let uppers = self.check(as_of)?;
+        let mut c = self.cursors(&uppers);
+        Ok(state_of(&mut c, UserKey(user), as_of))
     }
 
-    /// Every user's profile state at `as_of` on this worker, in key order: one pass over both
-    /// arrangements, the features cursor only ever seeking forward.
+    /// Every user's profile state at `as_of` on this worker, in key order: one pass over the
+    /// arrangements, the other cursors only ever seeking forward.
     pub fn read_all(&mut self, as_of: Time) -> Result<Vec<(u64, ProfileState)>, ReadError> {
-        let (upper_b, upper_f) = self.check(as_of)?;
-        let (mut b, mut f) = self.cursors(&upper_b, &upper_f);
+        let uppers = self.check(as_of)?;
+        let mut c = self.cursors(&uppers);
         let mut out = Vec::new();
-        while let Some(key) = b.0.get_key(&b.1).copied() {
-            if let Some(state) = state_of(&mut b, &mut f, key, as_of) {
+        while let Some(key) = c.basics.0.get_key(&c.basics.1).copied() {
+            if let Some(state) = state_of(&mut c, key, as_of) {
                 out.push((key.0, state));
             }
-            b.0.step_key(&b.1);
+            c.basics.0.step_key(&c.basics.1);
         }
         Ok(out)
+    }
+
+    /// How many users are in each segment at `as_of` on this worker (`counts[id]`).
+    pub fn segment_counts(&mut self, as_of: Time, segments: usize) -> Result<Vec<u64>, ReadError> {
+        let uppers = self.check(as_of)?;
+        let mut counts = vec![0u64; segments];
+        let Some((mut cursor, storage)) = self.cursors(&uppers).segments else {
+            return Ok(counts);
+        };
+        while cursor.key_valid(&storage) {
+            while let Some(id) = cursor.get_val(&storage).copied() {
+                if accumulate(&mut cursor, &storage, as_of) > 0 {
+                    if let Some(n) = counts.get_mut(id as usize) {
+                        *n += 1;
+                    }
+                }
+                cursor.step_val(&storage);
+            }
+            cursor.step_key(&storage);
+        }
+        Ok(counts)
     }
 }
 
@@ -242,14 +300,26 @@ type Cursors<Tr> = (
     Vec<<Tr as TraceReader>::Batch>,
 );
 
-/// Seeks both cursors (forward) to `key` and accumulates its values at `as_of`.
-fn state_of(
-    b: &mut Cursors<BasicsTrace>,
-    f: &mut Cursors<FeatureTrace>,
-    key: UserKey,
-    as_of: Time,
-) -> Option<ProfileState> {
+fn cursors_of<Tr: TraceReader<Time = Time>>(trace: &mut Tr, upper: &Antichain<Time>) -> Cursors<Tr>
+where
+    Tr::Batch: Navigable,
+{
+    let batches = trace
+        .batches_through(upper.borrow())
+        .expect("reads go through the current upper");
+    cursor_list(batches)
+}
+
+struct ProfileCursors {
+    basics: Cursors<BasicsTrace>,
+    features: Cursors<FeatureTrace>,
+    segments: Option<Cursors<SegmentTrace>>,
+}
+
+/// Seeks the cursors (forward) to `key` and accumulates its values at `as_of`.
+fn state_of(c: &mut ProfileCursors, key: UserKey, as_of: Time) -> Option<ProfileState> {
     let mut state = ProfileState::default();
+    let b = &mut c.basics;
     b.0.seek_key(&b.1, &key);
     if b.0.get_key(&b.1) == Some(&key) {
         b.0.rewind_vals(&b.1);
@@ -261,12 +331,24 @@ fn state_of(
         }
     }
     state.basics?;
+    let f = &mut c.features;
     f.0.seek_key(&f.1, &key);
     if f.0.get_key(&f.1) == Some(&key) {
         while let Some(val) = f.0.get_val(&f.1) {
             let n = accumulate(&mut f.0, &f.1, as_of);
             state.add(val, n);
             f.0.step_val(&f.1);
+        }
+    }
+    if let Some(s) = c.segments.as_mut() {
+        s.0.seek_key(&s.1, &key);
+        if s.0.get_key(&s.1) == Some(&key) {
+            while let Some(id) = s.0.get_val(&s.1).copied() {
+                if accumulate(&mut s.0, &s.1, as_of) > 0 {
+                    state.segments.push(id);
+                }
+                s.0.step_val(&s.1);
+            }
         }
     }
     state.devices.sort();

@@ -43,7 +43,7 @@ pub fn replay_lines(
     let dir = tempfile::tempdir().unwrap();
     let (ev, cat) = write_log(dir.path(), events, catalog);
     let dead = dir.path().join("dead.jsonl");
-    let replayed = persona::replay::replay(settings(workers), &ev, Some(&cat), &dead, false)
+    let replayed = persona::replay::replay(settings(workers), &ev, Some(&cat), &dead, None, false)
         .expect("replay runs");
     let profiles = replayed
         .profiles

@@ -1,0 +1,344 @@
+//! Maintains each user's segment memberships (SPEC §6), keyed by user: `(user, segment)` is
+//! present exactly while the segment's rule holds on the user's profile at that time.
+//!
+//! The rules read the same features a profile shows, from compact facts: the user's
+//! [`Basics`], all-time counts and devices, category counts, and one `Window(w, type)` fact per
+//! event and window a rule reads, present while `now - w < ts <= now` (inserted at
+//! `max(arrival, ts)`, retracted at `ts + w`). Only the inputs some rule reads are built. A keyed
+//! operator keeps those facts per user, applies complete times in order, re-evaluates the rules
+//! of every user touched at a time and emits the membership changes, so downstream the
+//! membership is an ordinary collection whose changes are the triggers.
+//!
+//! Cost per event: O(1) fact updates (two per window read), then one evaluation of every rule
+//! for the user, whose cost is bounded by the number of distinct types, categories and windows
+//! the user has, never by their history. Memory: per user, those facts and the basics; per
+//! event, one pending retraction per window read, until it is due.
+
+use crate::basics::Basics;
+use crate::event::{Device, Event, NameOrder, PendingByTime, Time, UserKey};
+use crate::profile::Feature;
+use crate::rules::{Fields, Needs, Number, Rule};
+use crate::windows::release_when_due;
+use differential_dataflow::{AsCollection, VecCollection};
+use foldhash::HashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+
+/// The window index of the engagement score's window in [`Fact::Window`].
+const SCORE: u8 = u8::MAX;
+
+/// How many categories count as a user's top categories (SPEC §4).
+pub const TOP_CATEGORIES: usize = 5;
+
+/// What segment rules are evaluated with.
+#[derive(Clone)]
+pub struct SegmentConfig {
+    /// The rules, by segment id (the index).
+    pub rules: Arc<Vec<Rule>>,
+    /// Width of each configured window, in the order rules index them.
+    pub windows_ms: Vec<u64>,
+    /// The engagement score's window and weights (by type hash; others weigh `default_weight`).
+    pub score_window_ms: u64,
+    pub weights: Arc<HashMap<u64, f64>>,
+    pub default_weight: f64,
+    pub names: NameOrder,
+}
+
+impl SegmentConfig {
+    /// What the rules read, together.
+    pub fn needs(&self) -> Needs {
+        let mut needs = Needs::default();
+        for rule in self.rules.iter() {
+            needs.merge(&rule.needs());
+        }
+        needs
+    }
+}
+
+/// A fact about a user that some rule reads; its value is its multiplicity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Fact {
+    Basics(Basics),
+    Feature(Feature),
+    /// An event of this type within window `w` (index; [`SCORE`] for the score's window).
+    Window(u8, u64),
+}
+
+/// The membership of every user, from the de-duplicated events (on their user's worker) and
+/// the profile's own basics, counts and categories collections.
+pub fn segments<'s>(
+    events: VecCollection<'s, Time, Event>,
+    basics: VecCollection<'s, Time, (UserKey, Basics)>,
+    counts: VecCollection<'s, Time, (UserKey, Feature)>,
+    categories: VecCollection<'s, Time, (UserKey, Feature)>,
+    config: &SegmentConfig,
+) -> VecCollection<'s, Time, (UserKey, u32)> {
+    let needs = config.needs();
+    let mut widths: Vec<(u8, u64)> = needs
+        .windows
+        .iter()
+        .filter_map(|w| Some((u8::try_from(*w).ok()?, *config.windows_ms.get(*w)?)))
+        .collect();
+    if needs.engagement {
+        widths.push((SCORE, config.score_window_ms));
+    }
+    let mut facts = basics.map(|(u, b)| (u, Fact::Basics(b)));
+    if needs.counts || needs.devices {
+        facts = facts.concat(counts.map(|(u, f)| (u, Fact::Feature(f))));
+    }
+    if needs.top_categories {
+        facts = facts.concat(categories.map(|(u, f)| (u, Fact::Feature(f))));
+    }
+    if !widths.is_empty() {
+        let windowed = events.join_function(move |e: Event| {
+            let user = UserKey(e.user);
+            widths
+                .iter()
+                .flat_map(|(w, width)| {
+                    let fact = (user, Fact::Window(*w, e.kind));
+                    [
+                        (fact, e.ts, 1isize),
+                        (fact, e.ts.saturating_add(*width), -1),
+                    ]
+                })
+                .collect::<Vec<_>>()
+        });
+        facts = facts.concat(release_when_due(windowed));
+    }
+    membership(facts, config.clone())
+}
+
+/// The keyed operator: facts in, membership changes out.
+fn membership<'s>(
+    facts: VecCollection<'s, Time, (UserKey, Fact)>,
+    config: SegmentConfig,
+) -> VecCollection<'s, Time, (UserKey, u32)> {
+    let pact = Exchange::new(|update: &((UserKey, Fact), Time, isize)| {
+        crate::event::route_hash((update.0).0 .0)
+    });
+    facts
+        .inner
+        .unary_frontier(pact, "Segments", move |_cap, _info| {
+            let mut pending: PendingByTime<(UserKey, Fact, isize)> = BTreeMap::new();
+            let mut users: HashMap<u64, UserFacts> = HashMap::default();
+            let mut touched: Vec<u64> = Vec::new();
+            let mut members: Vec<u32> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    for ((user, fact), time, diff) in data.drain(..) {
+                        pending
+                            .entry(time)
+                            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
+                            .1
+                            .push((user, fact, diff));
+                    }
+                });
+                while let Some(entry) = pending.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (time, (cap, batch)) = entry.remove_entry();
+                    touched.clear();
+                    for (user, fact, diff) in &batch {
+                        users.entry(user.0).or_default().apply(fact, *diff as i64);
+                        touched.push(user.0);
+                    }
+                    touched.sort_unstable();
+                    touched.dedup();
+                    let mut session = output.session(&cap);
+                    for user in &touched {
+                        let Some(state) = users.get_mut(user) else {
+                            continue;
+                        };
+                        members.clear();
+                        if state.basics.is_some() {
+                            let view = View {
+                                facts: state,
+                                config: &config,
+                            };
+                            members.extend(
+                                config
+                                    .rules
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(_, rule)| rule.eval(&view))
+                                    .map(|(id, _)| id as u32),
+                            );
+                        }
+                        if members != state.members {
+                            for id in state.members.iter().filter(|m| !members.contains(m)) {
+                                session.give(((UserKey(*user), *id), time, -1isize));
+                            }
+                            for id in members.iter().filter(|m| !state.members.contains(m)) {
+                                session.give(((UserKey(*user), *id), time, 1isize));
+                            }
+                            state.members.clone_from(&members);
+                        }
+                        if state.is_empty() {
+                            users.remove(user);
+                        }
+                    }
+                }
+            }
+        })
+        .as_collection()
+}
+
+/// One user's facts, accumulated.
+#[derive(Default)]
+struct UserFacts {
+    basics: Option<Basics>,
+    /// Present Basics records with their multiplicity: a time's retraction and insertion may
+    /// arrive in either order.
+    basics_in: Vec<(Basics, i64)>,
+    counts: Vec<(u64, i64)>,
+    devices: [i64; 4],
+    categories: Vec<(u64, i64)>,
+    /// `(window, type)` → events, sorted (the score sums in type order, as a profile does).
+    windows: BTreeMap<(u8, u64), i64>,
+    /// Segments the user is in, as last emitted, ascending.
+    members: Vec<u32>,
+}
+
+fn bump(entries: &mut Vec<(u64, i64)>, key: u64, diff: i64) {
+    match entries.iter().position(|(k, _)| *k == key) {
+        Some(i) => {
+            entries[i].1 += diff;
+            if entries[i].1 == 0 {
+                entries.swap_remove(i);
+            }
+        }
+        None => entries.push((key, diff)),
+    }
+}
+
+fn device_index(d: Device) -> usize {
+    match d {
+        Device::Desktop => 0,
+        Device::Mobile => 1,
+        Device::Other => 2,
+        Device::Tablet => 3,
+    }
+}
+
+impl UserFacts {
+    fn apply(&mut self, fact: &Fact, diff: i64) {
+        match fact {
+            Fact::Basics(b) => {
+                match self.basics_in.iter().position(|(x, _)| x == b) {
+                    Some(i) => {
+                        self.basics_in[i].1 += diff;
+                        if self.basics_in[i].1 == 0 {
+                            self.basics_in.swap_remove(i);
+                        }
+                    }
+                    None => self.basics_in.push((*b, diff)),
+                }
+                self.basics = self.basics_in.iter().find(|(_, n)| *n > 0).map(|(b, _)| *b);
+            }
+            Fact::Feature(Feature::Count(kind)) => bump(&mut self.counts, *kind, diff),
+            Fact::Feature(Feature::Device(d)) => self.devices[device_index(*d)] += diff,
+            Fact::Feature(Feature::Category(c)) => bump(&mut self.categories, *c, diff),
+            Fact::Feature(Feature::Recent { .. }) => {}
+            Fact::Window(w, kind) => {
+                let n = self.windows.entry((*w, *kind)).or_insert(0);
+                *n += diff;
+                if *n == 0 {
+                    self.windows.remove(&(*w, *kind));
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.basics_in.is_empty()
+            && self.counts.is_empty()
+            && self.devices == [0; 4]
+            && self.categories.is_empty()
+            && self.windows.is_empty()
+            && self.members.is_empty()
+    }
+}
+
+/// A user's facts as the fields rules read.
+struct View<'a> {
+    facts: &'a UserFacts,
+    config: &'a SegmentConfig,
+}
+
+impl Fields for View<'_> {
+    fn number(&self, field: Number) -> f64 {
+        let f = self.facts;
+        let Some(b) = f.basics.as_ref() else {
+            return 0.0;
+        };
+        let positive = |n: i64| n.max(0) as f64;
+        match field {
+            Number::EventCount => b.events as f64,
+            Number::FirstSeen => b.first as f64,
+            Number::LastSeen => b.last as f64,
+            Number::DistinctItems => b.distinct_items as f64,
+            Number::TotalSpend => b.spend(),
+            Number::SessionsCount => b.sessions as f64,
+            Number::SessionsAvgDuration => b.avg_duration() as f64,
+            Number::CurrentStart => b.current_start as f64,
+            Number::CurrentLast => b.last as f64,
+            Number::CurrentEvents => b.current_events as f64,
+            Number::Count(kind) => f
+                .counts
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map_or(0.0, |(_, n)| positive(*n)),
+            Number::Window(w, kind) => u8::try_from(w)
+                .ok()
+                .and_then(|w| f.windows.get(&(w, kind)))
+                .map_or(0.0, |n| positive(*n)),
+            Number::EngagementScore => f
+                .windows
+                .range((SCORE, 0)..=(SCORE, u64::MAX))
+                .filter(|(_, n)| **n > 0)
+                .map(|((_, kind), n)| {
+                    let weight = self
+                        .config
+                        .weights
+                        .get(kind)
+                        .copied()
+                        .unwrap_or(self.config.default_weight);
+                    weight * *n as f64
+                })
+                .fold(0.0, |a, b| a + b),
+        }
+    }
+
+    fn last_device(&self) -> Option<Device> {
+        self.facts.basics.as_ref().and_then(|b| b.last_device)
+    }
+
+    fn has_device(&self, device: Device) -> bool {
+        self.facts.devices[device_index(device)] > 0
+    }
+
+    fn in_top_categories(&self, category: u64) -> bool {
+        let cats = &self.facts.categories;
+        let Some(&(_, n)) = cats.iter().find(|(c, n)| *c == category && *n > 0) else {
+            return false;
+        };
+        // Its rank: categories with more events, or as many and a smaller name, come first.
+        let names = &self.config.names;
+        let ahead = cats
+            .iter()
+            .filter(|(c, m)| *m > n || (*m == n && *c != category && names(*c, category).is_lt()))
+            .count();
+        ahead < TOP_CATEGORIES
+    }
+
+    fn in_recent_items(&self, item: u64) -> bool {
+        self.facts
+            .basics
+            .as_ref()
+            .is_some_and(|b| b.recent_items().contains(&item))
+    }
+}
