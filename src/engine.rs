@@ -596,7 +596,7 @@ fn run_worker(
         );
         let (probe, _) = views.basics.stream.clone().probe();
         views.features.stream.clone().probe_with(&probe);
-        watch_changes(&views, shared);
+        watch_changes(&views, shared, &probe);
         let recommend = views.recommend.as_ref().map(|r| {
             r.affinity.stream.clone().probe_with(&probe);
             r.neighbours.stream.clone().probe_with(&probe);
@@ -670,7 +670,8 @@ fn run_worker(
         }
         // 1. Read a bounded batch of this worker's records.
         let mut read = 0usize;
-        if !input_done {
+        let reading = !input_done;
+        if reading {
             let max_ts = match clock_mode {
                 ClockMode::Live => Some(wall_ms().saturating_add(settings.max_future_skew_ms)),
                 ClockMode::Event => None,
@@ -773,7 +774,15 @@ fn run_worker(
                 .fetch_max(local_max, Ordering::AcqRel)
                 .max(local_max);
             if clock_mode == ClockMode::Event && final_time.is_none() {
-                clock = clock.max(seen.saturating_sub(settings.allowed_lateness_ms));
+                // A replaying worker's clock follows its own lines while it reads, so the times
+                // events enter at (and the triggers they cause) depend only on the log and the
+                // number of workers, not on how fast the others read.
+                let basis = if replay && reading {
+                    worker_max_ts
+                } else {
+                    seen
+                };
+                clock = clock.max(basis.saturating_sub(settings.allowed_lateness_ms));
                 inputs.advance_to(clock);
             }
             if let Some(n) = inputs.names.as_mut() {
@@ -800,12 +809,12 @@ fn run_worker(
             ClockMode::Live => clock = clock.max(wall_ms() / settings.tick_ms * settings.tick_ms),
             ClockMode::Event => {
                 if final_time.is_none() {
-                    clock = clock.max(
-                        shared
-                            .max_ts
-                            .load(Ordering::Acquire)
-                            .saturating_sub(settings.allowed_lateness_ms),
-                    );
+                    let basis = if replay && !input_done {
+                        worker_max_ts
+                    } else {
+                        shared.max_ts.load(Ordering::Acquire)
+                    };
+                    clock = clock.max(basis.saturating_sub(settings.allowed_lateness_ms));
                 }
             }
         }
@@ -896,7 +905,7 @@ fn run_worker(
         }
         if !dumped {
             if let (Some(t), None) = (final_time, final_state.as_ref()) {
-                if completed > t {
+                if completed > t && !probe.less_equal(&t) {
                     let profiles = traces
                         .read_all(t)
                         .map_err(|e| anyhow!("cannot read the final state at {t}: {e:?}"))?;
@@ -1007,22 +1016,31 @@ macro_rules! for_each_update {
 
 /// Hooks the triggers sink and live subscribers to the arrangements' batches: each batch holds
 /// exactly the changes of times that just completed, once.
-fn watch_changes(views: &persona_dataflows::Views<'_>, shared: &Arc<Shared>) {
+fn watch_changes(
+    views: &persona_dataflows::Views<'_>,
+    shared: &Arc<Shared>,
+    probe: &ProbeHandle<Time>,
+) {
     use timely::dataflow::operators::Inspect;
     if let Some(segments) = views.segments.as_ref() {
         let shared = shared.clone();
-        segments.stream.clone().inspect(move |batch| {
-            let mut changes: Vec<(u64, u64, u32, isize)> = Vec::new();
-            for_each_update!(batch, |user, id: &u32, t, r| changes
-                .push((t, user, *id, r)));
-            changes.sort_unstable();
-            shared.live.triggers(&changes);
-            if shared.live.hub.active() {
-                for (t, user, _, _) in &changes {
-                    shared.live.hub.changed(*user, *t);
+        segments
+            .stream
+            .clone()
+            .inspect(move |batch| {
+                let mut changes: Vec<(u64, u64, u32, isize)> = Vec::new();
+                for_each_update!(batch, |user, id: &u32, t, r| changes
+                    .push((t, user, *id, r)));
+                changes.sort_unstable();
+                shared.live.triggers(&changes);
+                if shared.live.hub.active() {
+                    for (t, user, _, _) in &changes {
+                        shared.live.hub.changed(*user, *t);
+                    }
                 }
-            }
-        });
+            })
+            // A replay stops once its final time passed here: every trigger is out by then.
+            .probe_with(probe);
     }
     // A profile changes with its basics (every event) and its features (windows moving).
     let watched = shared.clone();

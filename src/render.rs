@@ -3,7 +3,8 @@
 use crate::config::{Settings, SCORE_WINDOW_MS};
 use crate::names::Names;
 use indexmap::IndexMap;
-use persona_dataflows::{Neighbour, ProfileState, Reason, Scored};
+use persona_dataflows::rules::{Fields, Number};
+use persona_dataflows::{Device, Neighbour, ProfileState, Reason, Scored};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -183,4 +184,89 @@ pub fn similar(item_id: &str, as_of: u64, items: &[Neighbour], names: &Names) ->
         })
         .collect();
     serde_json::json!({"item_id": item_id, "as_of_ms": as_of, "items": items})
+}
+
+/// A rendered profile as the fields segment rules read: for a profile shown at another time
+/// than its state was read at (a replay's dump), whose segments are the rules over what it
+/// shows.
+struct Shown<'a> {
+    profile: &'a Profile,
+    settings: &'a Settings,
+}
+
+fn hashed_count(counts: &BTreeMap<String, i64>, kind: u64) -> f64 {
+    counts
+        .iter()
+        .find(|(name, _)| crate::names::hash(name) == kind)
+        .map_or(0.0, |(_, n)| *n as f64)
+}
+
+fn device(name: &str) -> Option<Device> {
+    [
+        Device::Desktop,
+        Device::Mobile,
+        Device::Other,
+        Device::Tablet,
+    ]
+    .into_iter()
+    .find(|d| d.as_str() == name)
+}
+
+impl Fields for Shown<'_> {
+    fn number(&self, field: Number) -> f64 {
+        let p = self.profile;
+        match field {
+            Number::EventCount => p.event_count as f64,
+            Number::FirstSeen => p.first_seen_ms as f64,
+            Number::LastSeen => p.last_seen_ms as f64,
+            Number::DistinctItems => p.distinct_items as f64,
+            Number::TotalSpend => p.total_spend,
+            Number::EngagementScore => p.engagement_score,
+            Number::SessionsCount => p.sessions.count as f64,
+            Number::SessionsAvgDuration => p.sessions.avg_duration_ms as f64,
+            Number::CurrentStart => p.sessions.current.start_ms as f64,
+            Number::CurrentLast => p.sessions.current.last_ms as f64,
+            Number::CurrentEvents => p.sessions.current.events as f64,
+            Number::Count(kind) => hashed_count(&p.counts, kind),
+            Number::Window(w, kind) => self
+                .settings
+                .windows
+                .get(w)
+                .and_then(|w| p.windows.get(&w.label))
+                .map_or(0.0, |counts| hashed_count(counts, kind)),
+        }
+    }
+
+    fn last_device(&self) -> Option<Device> {
+        self.profile.last_device.as_deref().and_then(device)
+    }
+
+    fn has_device(&self, d: Device) -> bool {
+        self.profile.devices.iter().any(|x| x == d.as_str())
+    }
+
+    fn in_top_categories(&self, category: u64) -> bool {
+        self.profile
+            .top_categories
+            .iter()
+            .any(|c| crate::names::hash(&c.category) == category)
+    }
+
+    fn in_recent_items(&self, item: u64) -> bool {
+        self.profile
+            .recent_items
+            .iter()
+            .any(|i| crate::names::hash(i) == item)
+    }
+}
+
+/// The configured segments whose rules hold on `profile` as it shows.
+pub fn segments_shown(profile: &Profile, settings: &Settings) -> Vec<String> {
+    let shown = Shown { profile, settings };
+    settings
+        .segments
+        .iter()
+        .filter(|s| s.rule.eval(&shown))
+        .map(|s| s.name.clone())
+        .collect()
 }

@@ -165,13 +165,18 @@ fn render_all(shared: &Shared, as_of: u64, states: &[(u64, ProfileState)]) -> Ve
                 scope.spawn(move || {
                     part.iter()
                         .filter_map(|(user, state)| {
-                            render::profile(
+                            let mut p = render::profile(
                                 shared.names.name(*user),
                                 as_of,
                                 state,
                                 &shared.names,
                                 &shared.settings,
-                            )
+                            )?;
+                            // The state was read at the final time, which a dropped
+                            // conflicting copy can put after `as_of`: the segments are the
+                            // rules over what the dump shows.
+                            p.segments = render::segments_shown(&p, &shared.settings);
+                            Some(p)
                         })
                         .collect::<Vec<_>>()
                 })

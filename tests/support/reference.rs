@@ -214,7 +214,7 @@ pub fn accepted(events: &[String]) -> (BTreeMap<String, Ev>, Stats) {
     (kept, stats)
 }
 
-fn profile(user: &str, evs: &[Ev], cat: &HashMap<String, String>, now: u64) -> Value {
+pub fn profile(user: &str, evs: &[Ev], cat: &HashMap<String, String>, now: u64) -> Value {
     let first = evs.iter().map(|e| e.ts).min().unwrap();
     let last = evs.iter().map(|e| e.ts).max().unwrap();
     let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
@@ -289,7 +289,7 @@ fn profile(user: &str, evs: &[Ev], cat: &HashMap<String, String>, now: u64) -> V
         .iter()
         .map(|(k, n)| weight(k) * *n as f64)
         .fold(0.0, |a, b| a + b);
-    json!({
+    let mut profile = json!({
         "user_id": user, "as_of_ms": now, "first_seen_ms": first, "last_seen_ms": last,
         "event_count": evs.len(), "counts": counts, "windows": windows,
         "distinct_items": items.len(), "recent_items": recent, "total_spend": spend,
@@ -297,5 +297,27 @@ fn profile(user: &str, evs: &[Ev], cat: &HashMap<String, String>, now: u64) -> V
         "sessions": {"count": sessions.len(), "avg_duration_ms": total / sessions.len() as u64,
                      "current": {"start_ms": current.0, "last_ms": current.1, "events": current.2}},
         "engagement_score": score, "segments": [],
-    })
+    });
+    profile["segments"] = json!(segments(&profile));
+    profile
+}
+
+/// The default config's segments (config/default.toml), each written out by hand over the
+/// profile JSON: the names of those the profile is in, ascending.
+pub fn segments(p: &Value) -> Vec<&'static str> {
+    let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let rules: [(&str, bool); 4] = [
+        ("buyer", n(&p["counts"]["purchase"]) >= 1.0),
+        (
+            "cart_abandoner",
+            n(&p["windows"]["24h"]["add_to_cart"]) >= 1.0
+                && n(&p["windows"]["24h"]["purchase"]) == 0.0,
+        ),
+        ("engaged", n(&p["engagement_score"]) >= 50.0),
+        ("mobile", p["last_device"] == "mobile"),
+    ];
+    rules
+        .into_iter()
+        .filter_map(|(name, holds)| holds.then_some(name))
+        .collect()
 }
