@@ -134,6 +134,7 @@ impl Shared {
             &settings.segments,
             names.clone(),
             settings.triggers.stream_buffer,
+            metrics.clone(),
         );
         let workers = settings.workers;
         let (first, peers) = match &settings.cluster {

@@ -47,20 +47,26 @@ pub struct Trigger {
 /// Where a worker's membership changes go.
 pub struct Live {
     sink: Option<Sink>,
+    metrics: crate::metrics::Metrics,
     pub hub: Hub,
     segments: Vec<String>,
     names: Names,
-    emitted: AtomicU64,
 }
 
 impl Live {
-    pub fn new(sink: Option<Sink>, segments: &[Segment], names: Names, buffer: usize) -> Self {
+    pub fn new(
+        sink: Option<Sink>,
+        segments: &[Segment],
+        names: Names,
+        buffer: usize,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         Live {
             sink,
+            metrics,
             hub: Hub::new(buffer),
             segments: segments.iter().map(|s| s.name.clone()).collect(),
             names,
-            emitted: AtomicU64::new(0),
         }
     }
 
@@ -68,18 +74,20 @@ impl Live {
     /// time: one trigger each, to the sink and to the user's subscribers.
     pub fn triggers(&self, changes: &[(u64, u64, u32, isize)]) {
         let watched = self.hub.active();
-        if self.sink.is_none() && !watched {
-            return;
-        }
         for &(time, user, segment, diff) in changes {
             let Some(name) = self.segments.get(segment as usize) else {
                 continue;
             };
+            let change = if diff > 0 { "enter" } else { "exit" };
+            self.metrics.trigger(name, change);
+            if self.sink.is_none() && !watched {
+                continue;
+            }
             let user_id = self.names.name(user);
             let trigger = Trigger {
                 user_id,
                 segment: name.clone(),
-                change: if diff > 0 { "enter" } else { "exit" }.to_string(),
+                change: change.to_string(),
                 as_of_ms: time,
             };
             let Ok(line) = serde_json::to_vec(&trigger) else {
@@ -92,13 +100,6 @@ impl Live {
                 self.hub.segment(user, Bytes::from(line));
             }
         }
-        self.emitted
-            .fetch_add(changes.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Triggers emitted so far.
-    pub fn emitted(&self) -> u64 {
-        self.emitted.load(Ordering::Relaxed)
     }
 
     /// Delivers what is still queued (Kafka) before the process exits.

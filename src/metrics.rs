@@ -21,6 +21,12 @@ pub struct StrategyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabel {
+    pub segment: String,
+    pub change: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
 }
@@ -47,6 +53,9 @@ struct Inner {
     query_latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
     recommendation_requests: Family<StrategyLabel, Counter>,
     exposures: Family<StrategyLabel, Counter>,
+    triggers: Family<TriggerLabel, Counter>,
+    streams: Gauge,
+    streams_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -121,8 +130,29 @@ impl Metrics {
             "Items shown in served recommendation lists, by strategy",
             exposures.clone(),
         );
+        let triggers = Family::<TriggerLabel, Counter>::default();
+        registry.register(
+            "triggers",
+            "Segment entries and exits emitted, by segment and change",
+            triggers.clone(),
+        );
+        let streams = Gauge::default();
+        registry.register(
+            "stream_subscribers",
+            "Open /v1/users/{id}/stream connections",
+            streams.clone(),
+        );
+        let streams_dropped = Counter::default();
+        registry.register(
+            "streams_dropped",
+            "Live streams closed because their client fell behind",
+            streams_dropped.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                triggers,
+                streams,
+                streams_dropped,
                 recommendation_requests,
                 exposures,
                 registry,
@@ -212,6 +242,26 @@ impl Metrics {
             .exposures
             .get_or_create(&label)
             .inc_by(items as u64);
+    }
+
+    /// A segment entry or exit was emitted.
+    pub fn trigger(&self, segment: &str, change: &str) {
+        self.inner
+            .triggers
+            .get_or_create(&TriggerLabel {
+                segment: segment.to_string(),
+                change: change.to_string(),
+            })
+            .inc();
+    }
+
+    /// A live stream opened (+1) or closed (-1).
+    pub fn stream(&self, delta: i64) {
+        self.inner.streams.inc_by(delta);
+    }
+
+    pub fn stream_dropped(&self) {
+        self.inner.streams_dropped.inc();
     }
 
     pub fn render(&self) -> String {

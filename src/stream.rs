@@ -63,9 +63,11 @@ fn event(name: &str, data: &[u8]) -> Bytes {
 pub fn start(shared: Arc<Shared>, user_id: String) -> SseBody {
     let (tx, rx) = mpsc::channel(BODY_FRAMES);
     tokio::spawn(async move {
+        shared.metrics.stream(1);
         if let Err(reason) = run(&shared, &user_id, &tx).await {
             tracing::debug!(user = %user_id, "stream ended: {reason}");
         }
+        shared.metrics.stream(-1);
     });
     SseBody { rx }
 }
@@ -136,6 +138,8 @@ async fn run(
                     shared.settings.triggers.stream_buffer
                 ),
             });
+            shared.metrics.stream_dropped();
+            tracing::warn!(user = %user_id, "live stream dropped: its client fell behind");
             send(tx, event("dropped", notice.to_string().as_bytes())).await?;
             return Err("dropped: slow consumer");
         }

@@ -27,8 +27,9 @@ fn config(dir: &Path, name: &str, brokers: &str, workers: usize, cluster: &str) 
     std::fs::write(
         &path,
         format!(
-            "{ENGINE}workers = {workers}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n{cluster}",
+            "{ENGINE}workers = {workers}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n{cluster}",
             dir.join(format!("{name}-dead.jsonl")).display().to_string(),
+            dir.join(format!("{name}-triggers.jsonl")).display().to_string(),
         ),
     )
     .unwrap();

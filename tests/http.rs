@@ -49,10 +49,11 @@ impl Engine {
         std::fs::write(
             &config,
             format!(
-                "[engine]\nworkers = 2\ntick = \"20ms\"\n\n[source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n[recommendations]\nrefresh = \"100ms\"\n\n[recommendations.experiment]\nitem_item = 1\npopular = 1\n",
+                "[engine]\nworkers = 2\ntick = \"20ms\"\n\n[source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n[recommendations]\nrefresh = \"100ms\"\n\n[recommendations.experiment]\nitem_item = 1\npopular = 1\n",
                 events.display().to_string(),
                 catalog.display().to_string(),
-                dead.display().to_string()
+                dead.display().to_string(),
+                dir.path().join("triggers.jsonl").display().to_string()
             ),
         )
         .unwrap();
@@ -328,7 +329,8 @@ fn no_command_serves_the_bundled_sample() {
         .env(
             "PERSONA_SOURCE_DEAD_LETTER_PATH",
             dir.path().join("dead.jsonl"),
-        );
+        )
+        .env("PERSONA_TRIGGERS_PATH", dir.path().join("triggers.jsonl"));
     let mut engine = Engine {
         process: spawn_listening(cmd),
         _dir: Some(dir),

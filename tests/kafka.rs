@@ -25,8 +25,9 @@ fn start_engine(dir: &Path, brokers: &str, workers: usize) -> Process {
     std::fs::write(
         &config,
         format!(
-            "{ENGINE}workers = {workers}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            "{ENGINE}workers = {workers}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("fallback-dead.jsonl").display().to_string(),
+            dir.join("fallback-triggers.jsonl").display().to_string(),
         ),
     )
     .unwrap();
