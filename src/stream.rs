@@ -7,8 +7,9 @@
 //! closing an idle stream.
 //!
 //! The engine only pokes a subscriber ([`crate::live::Hub`]); this task then reads the profile
-//! through the query router at the time of the change, like any GET. A client that does not
-//! read fills its buffers: its triggers no longer fit, and it is dropped, never the engine slowed.
+//! through the query router at the time of the change, like any GET. The engine never waits
+//! for a client: one that reads too slowly for its triggers gets `dropped` and is closed; one
+//! that stops reading is disconnected after 5 s (it cannot be told).
 
 use crate::engine::Shared;
 use crate::query::{Answer, Ask};

@@ -98,6 +98,9 @@ fn log(gens: &[Gen]) -> Vec<String> {
     lines
 }
 
+/// A trigger as `(user, as_of_ms, segment, change)`.
+type Trigger = (String, u64, String, String);
+
 /// Membership `(user, segment)` at `t`, from the lines entered by `t`.
 fn membership(
     lines: &[String],
@@ -127,7 +130,7 @@ fn membership(
 }
 
 /// The expected triggers `(user, as_of, segment, change)` of replaying `lines` with `workers`.
-fn expected(lines: &[String], workers: usize) -> Vec<(String, u64, String, String)> {
+fn expected(lines: &[String], workers: usize) -> Vec<Trigger> {
     let valid: Vec<Option<u64>> = lines
         .iter()
         .map(|l| reference::validate(l).map(|e| e.ts))
@@ -172,7 +175,7 @@ fn expected(lines: &[String], workers: usize) -> Vec<(String, u64, String, Strin
 }
 
 /// Replays `lines` with `persona replay --triggers`; the triggers and the dump.
-fn replay(lines: &[String], workers: usize) -> (Vec<(String, u64, String, String)>, Vec<Value>) {
+fn replay(lines: &[String], workers: usize) -> (Vec<Trigger>, Vec<Value>) {
     let dir = tempfile::tempdir().unwrap();
     let (events, _) = support::write_log(dir.path(), lines, &[]);
     let (triggers, dump) = (
@@ -203,7 +206,7 @@ fn replay(lines: &[String], workers: usize) -> (Vec<(String, u64, String, String
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
-    let mut got: Vec<(String, u64, String, String)> = read(&triggers)
+    let mut got: Vec<Trigger> = read(&triggers)
         .iter()
         .map(|t| {
             (
