@@ -42,21 +42,23 @@ impl Server {
                     };
                     let stop = shared.clone();
                     let shutdown = async move {
+                        // One listener for the whole run: one made anew each round would miss
+                        // a signal that arrives between two rounds.
+                        let mut signal = signals.then(|| Box::pin(shutdown_signal()));
                         loop {
                             if stop.stopping() {
                                 return;
                             }
-                            if signals {
-                                tokio::select! {
-                                    _ = shutdown_signal() => {
+                            match signal.as_mut() {
+                                Some(signal) => tokio::select! {
+                                    _ = signal => {
                                         stop.shutdown();
                                         tracing::info!("signal received, stopping");
                                         return;
                                     }
                                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                                }
-                            } else {
-                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                },
+                                None => tokio::time::sleep(Duration::from_millis(100)).await,
                             }
                         }
                     };
