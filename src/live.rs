@@ -192,10 +192,6 @@ impl Hub {
         self.count.load(Ordering::Acquire) > 0
     }
 
-    pub fn subscribers(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
     pub fn subscribe(&self, user: u64) -> Subscription<'_> {
         let (tx, rx) = mpsc::channel(self.buffer);
         let subscriber = Arc::new(Subscriber {

@@ -8,8 +8,8 @@ use persona_dataflows::{Device, Neighbour, ProfileState, Reason, Scored};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// How many categories a profile lists.
-pub const TOP_CATEGORIES: usize = 5;
+/// How many categories a profile lists (the rules' `top_categories` is the same list).
+pub use persona_dataflows::segments::TOP_CATEGORIES;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CategoryCount {
