@@ -28,3 +28,4 @@ pub mod server;
 pub mod sink;
 pub mod source;
 pub mod stream;
+pub mod validate;

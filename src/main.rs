@@ -73,6 +73,9 @@ enum Command {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// Read and validate a log without keeping state: counts of valid lines and of each
+    /// rejection reason (what a replay would send to dead letters, less the clock checks).
+    Validate(persona::validate::ValidateArgs),
     /// Write a synthetic event log (and catalog) for benchmarks.
     Generate(persona::generate::Options),
     /// Send a log's lines to a Kafka topic, keyed and partitioned by user_id.
@@ -171,6 +174,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Validate(a) => persona::validate::validate(&a),
         Command::Generate(o) => persona::generate::generate(&o),
         Command::Produce(a) => persona::kafka_tools::produce(&a),
         Command::Record(a) => persona::kafka_tools::record(&a),

@@ -19,17 +19,52 @@ pub fn hash(s: &str) -> u64 {
 }
 
 /// Shared hash → string table.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Names {
     table: Arc<DashMap<u64, Arc<str>, RandomState>>,
+    /// Unique per table (clones share it), for the per-thread cache.
+    id: u64,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Names {
+            table: Arc::default(),
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+/// Slots of the per-thread cache of hashes known to be in a table.
+const KNOWN_SLOTS: usize = 1 << 14;
+
+thread_local! {
+    /// Per thread: the table the cache is for (its id) and a direct-mapped set of hashes
+    /// already in it. Hot ids (types, active users, popular items) then skip the table's lock,
+    /// which both workers would otherwise touch for every id of every event.
+    static KNOWN: std::cell::RefCell<(u64, Vec<u64>)> = const { std::cell::RefCell::new((0, Vec::new())) };
 }
 
 impl Names {
     /// Hashes `s` and remembers its string.
     pub fn intern(&self, s: &str) -> u64 {
         let h = hash(s);
-        if !self.table.contains_key(&h) {
-            self.table.entry(h).or_insert_with(|| Arc::from(s));
+        let table = self.id;
+        let slot = (h as usize) & (KNOWN_SLOTS - 1);
+        let known = KNOWN.with_borrow(|(owner, set)| *owner == table && set[slot] == h);
+        if !known {
+            if !self.table.contains_key(&h) {
+                self.table.entry(h).or_insert_with(|| Arc::from(s));
+            }
+            KNOWN.with_borrow_mut(|(owner, set)| {
+                if *owner != table {
+                    *owner = table;
+                    set.clear();
+                    set.resize(KNOWN_SLOTS, NO_ITEM);
+                }
+                set[slot] = h;
+            });
         }
         h
     }

@@ -26,7 +26,7 @@ use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
 /// How many recent items a profile shows (SPEC §4).
@@ -237,15 +237,16 @@ impl UserState {
     }
 }
 
-/// The basics of every user in `events` (de-duplicated).
+/// The basics of every user in `events` (de-duplicated, and on their user's worker: exchanged
+/// by [`route_hash`](crate::event::route_hash) of the user).
 pub fn basics<'s>(
     events: VecCollection<'s, Time, Event>,
     session_gap_ms: u64,
     purchase_kind: u64,
     names: NameOrder,
 ) -> VecCollection<'s, Time, (UserKey, Basics)> {
-    let pact =
-        Exchange::new(|update: &(Event, Time, isize)| crate::event::route_hash(update.0.user));
+    // The events are already on their user's worker: read them where they are.
+    let pact = Pipeline;
     events
         .inner
         .unary_frontier(pact, "Basics", move |_cap, _info| {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
@@ -174,7 +174,8 @@ impl UserItems {
 /// A touch's expiry: `(due time, user, item, ts, event id)`.
 type Expiry = Reverse<(Time, u64, u64, u64, u64)>;
 
-/// The recent sets and purchases of every user in `events` (de-duplicated, exchanged by user).
+/// The recent sets and purchases of every user in `events` (de-duplicated, and on their user's
+/// worker: exchanged by [`route_hash`](crate::event::route_hash) of the user).
 pub fn interactions<'s>(
     events: VecCollection<'s, Time, Event>,
     config: &InteractionConfig,
@@ -187,8 +188,8 @@ pub fn interactions<'s>(
             .map(|e| (UserKey(e.user), Affinity::Purchased(e.item)))
     };
     let config = config.clone();
-    let pact =
-        Exchange::new(|update: &(Event, Time, isize)| crate::event::route_hash(update.0.user));
+    // The events are already on their user's worker: read them where they are.
+    let pact = Pipeline;
     let recent = events
         .inner
         .unary_frontier(pact, "RecentItems", move |_cap, _info| {

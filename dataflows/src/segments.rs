@@ -15,7 +15,7 @@
 //! event, one pending retraction per window read, until it is due.
 
 use crate::basics::Basics;
-use crate::event::{Device, Event, NameOrder, PendingByTime, Time, UserKey};
+use crate::event::{Device, Event, NameOrder, Time, UserKey};
 use crate::profile::Feature;
 use crate::rules::{Fields, Needs, Number, Rule};
 use crate::windows::release_when_due;
@@ -24,8 +24,9 @@ use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::{Capability, Exchange};
 
 /// The window index of the engagement score's window in [`Fact::Window`].
 const SCORE: u8 = u8::MAX;
@@ -58,17 +59,21 @@ impl SegmentConfig {
     }
 }
 
-/// A fact about a user that some rule reads; its value is its multiplicity.
+/// A fact about a user that some rule reads; its value is its multiplicity. The user's
+/// [`Basics`] travel apart: they are five times the size of every other fact.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Fact {
-    Basics(Basics),
     Feature(Feature),
     /// An event of this type within window `w` (index; [`SCORE`] for the score's window).
     Window(u8, u64),
 }
 
-/// The membership of every user, from the de-duplicated events (on their user's worker) and
-/// the profile's own basics, counts and categories collections.
+/// The membership of every user, from the de-duplicated events and the profile's own basics,
+/// counts and categories collections.
+///
+/// `events`, `basics` and `counts` must be on their user's worker (exchanged by
+/// [`route_hash`](crate::event::route_hash) of the user), as [`crate::profile::profiles`]
+/// makes them: the operator reads them where they are.
 pub fn segments<'s>(
     events: VecCollection<'s, Time, Event>,
     basics: VecCollection<'s, Time, (UserKey, Basics)>,
@@ -85,11 +90,20 @@ pub fn segments<'s>(
     if needs.engagement {
         widths.push((SCORE, config.score_window_ms));
     }
-    let mut facts = basics.map(|(u, b)| (u, Fact::Basics(b)));
+    let scope = events.inner.scope();
+    let mut facts: VecCollection<'s, Time, (UserKey, Fact)> =
+        VecCollection::new(timely::dataflow::operators::generic::operator::empty(scope));
     if needs.counts || needs.devices {
         facts = facts.concat(counts.map(|(u, f)| (u, Fact::Feature(f))));
     }
     if needs.top_categories {
+        // Joined by item, so on the item's worker: move them to the user's.
+        let categories = categories
+            .inner
+            .exchange(|update: &((UserKey, Feature), Time, isize)| {
+                crate::event::route_hash((update.0).0 .0)
+            })
+            .as_collection();
         facts = facts.concat(categories.map(|(u, f)| (u, Fact::Feature(f))));
     }
     if !widths.is_empty() {
@@ -108,82 +122,109 @@ pub fn segments<'s>(
         });
         facts = facts.concat(release_when_due(windowed));
     }
-    membership(facts, config.clone())
+    membership(facts, basics, config.clone())
 }
 
-/// The keyed operator: facts in, membership changes out.
+/// Updates of one complete time: small facts and basics.
+type Batch = (Vec<(UserKey, Fact, isize)>, Vec<(UserKey, Basics, isize)>);
+
+/// The keyed operator: facts and basics in, membership changes out.
 fn membership<'s>(
     facts: VecCollection<'s, Time, (UserKey, Fact)>,
+    basics: VecCollection<'s, Time, (UserKey, Basics)>,
     config: SegmentConfig,
 ) -> VecCollection<'s, Time, (UserKey, u32)> {
-    let pact = Exchange::new(|update: &((UserKey, Fact), Time, isize)| {
-        crate::event::route_hash((update.0).0 .0)
-    });
     facts
         .inner
-        .unary_frontier(pact, "Segments", move |_cap, _info| {
-            let mut pending: PendingByTime<(UserKey, Fact, isize)> = BTreeMap::new();
-            let mut users: HashMap<u64, UserFacts> = HashMap::default();
-            let mut touched: Vec<u64> = Vec::new();
-            let mut members: Vec<u32> = Vec::new();
-            move |(input, frontier), output| {
-                input.for_each(|cap, data| {
-                    for ((user, fact), time, diff) in data.drain(..) {
-                        pending
-                            .entry(time)
-                            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
-                            .1
-                            .push((user, fact, diff));
-                    }
-                });
-                while let Some(entry) = pending.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (time, (cap, batch)) = entry.remove_entry();
-                    touched.clear();
-                    for (user, fact, diff) in &batch {
-                        users.entry(user.0).or_default().apply(fact, *diff as i64);
-                        touched.push(user.0);
-                    }
-                    touched.sort_unstable();
-                    touched.dedup();
-                    let mut session = output.session(&cap);
-                    for user in &touched {
-                        let Some(state) = users.get_mut(user) else {
-                            continue;
-                        };
-                        members.clear();
-                        if state.basics.is_some() {
-                            let view = View {
-                                facts: state,
-                                config: &config,
+        .binary_frontier(
+            basics.inner,
+            Pipeline,
+            Pipeline,
+            "Segments",
+            move |_cap, _info| {
+                let mut pending: BTreeMap<Time, (Capability<Time>, Batch)> = BTreeMap::new();
+                let mut users: HashMap<u64, UserFacts> = HashMap::default();
+                let mut touched: Vec<u64> = Vec::new();
+                let mut members: Vec<u32> = Vec::new();
+                move |(facts_in, facts_frontier), (basics_in, basics_frontier), output| {
+                    facts_in.for_each(|cap, data| {
+                        for ((user, fact), time, diff) in data.drain(..) {
+                            pending
+                                .entry(time)
+                                .or_insert_with(|| (cap.delayed(&time, 0), Batch::default()))
+                                .1
+                                 .0
+                                .push((user, fact, diff));
+                        }
+                    });
+                    basics_in.for_each(|cap, data| {
+                        for ((user, b), time, diff) in data.drain(..) {
+                            pending
+                                .entry(time)
+                                .or_insert_with(|| (cap.delayed(&time, 0), Batch::default()))
+                                .1
+                                 .1
+                                .push((user, b, diff));
+                        }
+                    });
+                    while let Some(entry) = pending.first_entry() {
+                        if facts_frontier.less_equal(entry.key())
+                            || basics_frontier.less_equal(entry.key())
+                        {
+                            break;
+                        }
+                        let (time, (cap, (batch, basics))) = entry.remove_entry();
+                        touched.clear();
+                        for (user, b, diff) in &basics {
+                            users
+                                .entry(user.0)
+                                .or_default()
+                                .apply_basics(b, *diff as i64);
+                            touched.push(user.0);
+                        }
+                        for (user, fact, diff) in &batch {
+                            users.entry(user.0).or_default().apply(fact, *diff as i64);
+                            touched.push(user.0);
+                        }
+                        touched.sort_unstable();
+                        touched.dedup();
+                        let mut session = output.session(&cap);
+                        for user in &touched {
+                            let Some(state) = users.get_mut(user) else {
+                                continue;
                             };
-                            members.extend(
-                                config
-                                    .rules
-                                    .iter()
-                                    .enumerate()
-                                    .filter(|(_, rule)| rule.eval(&view))
-                                    .map(|(id, _)| id as u32),
-                            );
-                        }
-                        if members != state.members {
-                            for id in state.members.iter().filter(|m| !members.contains(m)) {
-                                session.give(((UserKey(*user), *id), time, -1isize));
+                            members.clear();
+                            if state.basics.is_some() {
+                                let view = View {
+                                    facts: state,
+                                    config: &config,
+                                };
+                                members.extend(
+                                    config
+                                        .rules
+                                        .iter()
+                                        .enumerate()
+                                        .filter(|(_, rule)| rule.eval(&view))
+                                        .map(|(id, _)| id as u32),
+                                );
                             }
-                            for id in members.iter().filter(|m| !state.members.contains(m)) {
-                                session.give(((UserKey(*user), *id), time, 1isize));
+                            if members != state.members {
+                                for id in state.members.iter().filter(|m| !members.contains(m)) {
+                                    session.give(((UserKey(*user), *id), time, -1isize));
+                                }
+                                for id in members.iter().filter(|m| !state.members.contains(m)) {
+                                    session.give(((UserKey(*user), *id), time, 1isize));
+                                }
+                                state.members.clone_from(&members);
                             }
-                            state.members.clone_from(&members);
-                        }
-                        if state.is_empty() {
-                            users.remove(user);
+                            if state.is_empty() {
+                                users.remove(user);
+                            }
                         }
                     }
                 }
-            }
-        })
+            },
+        )
         .as_collection()
 }
 
@@ -225,20 +266,21 @@ fn device_index(d: Device) -> usize {
 }
 
 impl UserFacts {
+    fn apply_basics(&mut self, b: &Basics, diff: i64) {
+        match self.basics_in.iter().position(|(x, _)| x == b) {
+            Some(i) => {
+                self.basics_in[i].1 += diff;
+                if self.basics_in[i].1 == 0 {
+                    self.basics_in.swap_remove(i);
+                }
+            }
+            None => self.basics_in.push((*b, diff)),
+        }
+        self.basics = self.basics_in.iter().find(|(_, n)| *n > 0).map(|(b, _)| *b);
+    }
+
     fn apply(&mut self, fact: &Fact, diff: i64) {
         match fact {
-            Fact::Basics(b) => {
-                match self.basics_in.iter().position(|(x, _)| x == b) {
-                    Some(i) => {
-                        self.basics_in[i].1 += diff;
-                        if self.basics_in[i].1 == 0 {
-                            self.basics_in.swap_remove(i);
-                        }
-                    }
-                    None => self.basics_in.push((*b, diff)),
-                }
-                self.basics = self.basics_in.iter().find(|(_, n)| *n > 0).map(|(b, _)| *b);
-            }
             Fact::Feature(Feature::Count(kind)) => bump(&mut self.counts, *kind, diff),
             Fact::Feature(Feature::Device(d)) => self.devices[device_index(*d)] += diff,
             Fact::Feature(Feature::Category(c)) => bump(&mut self.categories, *c, diff),
