@@ -145,3 +145,66 @@ fn golden_log_replays_to_its_expected_dump() {
             .all(|d| d["raw"].is_string() && d["detail"].is_string()));
     }
 }
+
+/// `persona validate` reports the same rejections as a replay of the golden log, by reason,
+/// on any number of threads, and counts every other line as valid.
+#[test]
+fn validate_counts_what_replay_rejects() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let events = data.join("golden-events.jsonl");
+    let all = lines(&events);
+    let (_, stats) = support::reference::profiles(&all, &lines(&data.join("golden-catalog.jsonl")));
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_persona"))
+        .args(["replay", "--events"])
+        .arg(&events)
+        .arg("--dead-letters")
+        .arg(&dead)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
+    for line in lines(&dead) {
+        let d: Value = serde_json::from_str(&line).unwrap();
+        *by_reason
+            .entry(d["reason"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(by_reason.values().sum::<u64>(), stats.dead);
+    assert!(
+        !by_reason.contains_key("future_ts"),
+        "validate has no clock"
+    );
+    let non_blank = all.iter().filter(|l| !l.trim().is_empty()).count() as u64;
+
+    for workers in ["1", "3"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_persona"))
+            .args(["validate", "--workers", workers, "--events"])
+            .arg(&events)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary = format!(
+            "validated {non_blank} lines: {} valid, {} rejected;",
+            non_blank - stats.dead,
+            stats.dead
+        );
+        assert!(text.starts_with(&summary), "{workers} workers: {text}");
+        for (reason, n) in &by_reason {
+            assert!(
+                text.contains(&format!("  {reason}: {n} (first at line ")),
+                "{workers} workers, {reason}: {text}"
+            );
+        }
+    }
+}
