@@ -7,6 +7,7 @@
 #   scripts/bench.sh --quick          # 100k events and the Taobao sample only (a few minutes)
 #   SIZES="1000000" scripts/bench.sh  # chosen sizes
 #   PATHWAY_MAX=100000 REDIS_MAX=1000000 scripts/bench.sh   # the largest log each peer runs
+#   DATASETS=/path/to/shared/datasets scripts/bench.sh       # default ../shared/datasets
 #
 # Rows (each computes the core features: counts by type, first/last seen, event count, spend,
 # distinct items, 30-minute sessions, with de-duplication by event_id):
@@ -49,11 +50,12 @@ for n in $SIZES; do
   fi
   logs+=("$log|$catalog|generated, $users users, ${days} days")
 done
-if [ -d ../shared/datasets/taobao-userbehavior ]; then
-  python3 scripts/convert-datasets.py ../shared/datasets target/datasets >/dev/null
+DATASETS=${DATASETS:-../shared/datasets}
+if [ -d "$DATASETS/taobao-userbehavior" ]; then
+  python3 scripts/convert-datasets.py "$DATASETS" target/datasets >/dev/null
   logs+=("target/datasets/taobao-firehose-events.jsonl|target/datasets/taobao-firehose-catalog.jsonl|Taobao firehose sample")
 else
-  echo "bench: ../shared/datasets not found, skipping the Taobao rows" >&2
+  echo "bench: $DATASETS not found (set DATASETS=DIR), skipping the Taobao rows" >&2
 fi
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(free -g | awk '/Mem:/ {print $2}') GiB"
