@@ -9,6 +9,24 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 
+/// Runs the `persona` binary with `args`, asserts it succeeded and returns its stdout.
+fn persona<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_persona"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "persona failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -76,24 +94,19 @@ fn golden_log_replays_to_its_expected_dump() {
         let dir = tempfile::tempdir().unwrap();
         let dump = dir.path().join("dump.jsonl");
         let dead = dir.path().join("dead.jsonl");
-        let out = Command::new(env!("CARGO_BIN_EXE_persona"))
-            .args(["replay", "--events"])
-            .arg(&events)
-            .arg("--catalog")
-            .arg(&catalog)
-            .arg("--dump")
-            .arg(&dump)
-            .arg("--dead-letters")
-            .arg(&dead)
-            .args(["--workers", workers])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "replay failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let summary = String::from_utf8_lossy(&out.stdout);
+        let summary = persona([
+            "replay".as_ref(),
+            "--events".as_ref(),
+            events.as_os_str(),
+            "--catalog".as_ref(),
+            catalog.as_os_str(),
+            "--dump".as_ref(),
+            dump.as_os_str(),
+            "--dead-letters".as_ref(),
+            dead.as_os_str(),
+            "--workers".as_ref(),
+            workers.as_ref(),
+        ]);
         assert!(
             summary.contains(&format!("{} accepted", stats.accepted)),
             "{summary}"
@@ -156,18 +169,13 @@ fn validate_counts_what_replay_rejects() {
     let (_, stats) = support::reference::profiles(&all, &lines(&data.join("golden-catalog.jsonl")));
     let dir = tempfile::tempdir().unwrap();
     let dead = dir.path().join("dead.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_persona"))
-        .args(["replay", "--events"])
-        .arg(&events)
-        .arg("--dead-letters")
-        .arg(&dead)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    persona([
+        "replay".as_ref(),
+        "--events".as_ref(),
+        events.as_os_str(),
+        "--dead-letters".as_ref(),
+        dead.as_os_str(),
+    ]);
     let mut by_reason = std::collections::BTreeMap::<String, u64>::new();
     for line in lines(&dead) {
         let d: Value = serde_json::from_str(&line).unwrap();
@@ -183,17 +191,13 @@ fn validate_counts_what_replay_rejects() {
     let non_blank = all.iter().filter(|l| !l.trim().is_empty()).count() as u64;
 
     for workers in ["1", "3"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_persona"))
-            .args(["validate", "--workers", workers, "--events"])
-            .arg(&events)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = persona([
+            "validate".as_ref(),
+            "--workers".as_ref(),
+            workers.as_ref(),
+            "--events".as_ref(),
+            events.as_os_str(),
+        ]);
         let summary = format!(
             "validated {non_blank} lines: {} valid, {} rejected;",
             non_blank - stats.dead,
