@@ -102,6 +102,8 @@ pub struct EngineConfig {
     pub dedup_horizon: String,
     pub default_weight: f64,
     pub weights: BTreeMap<String, f64>,
+    /// Erasures (`DELETE /v1/users/{id}`) are appended here, and applied again at every start.
+    pub erasure_log: PathBuf,
 }
 
 impl Default for EngineConfig {
@@ -125,6 +127,7 @@ impl Default for EngineConfig {
             dedup_horizon: "7d".into(),
             default_weight: 1.0,
             weights: weights.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            erasure_log: "erasures.jsonl".into(),
         }
     }
 }
@@ -309,14 +312,39 @@ impl Default for StrategyConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    /// Bearer token for reads (GET); "" leaves reads open.
+    pub read_token: String,
+    /// Bearer token for erasure and admin endpoints, which also passes reads; "" leaves them open.
+    pub admin_token: String,
+    /// Requests whose path and query are longer than this get 414.
+    pub max_uri_bytes: usize,
+    /// Requests with more header fields than this are refused.
+    pub max_headers: usize,
+    /// A client must send its whole request head within this.
+    pub header_timeout: String,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:8080".into(),
+            read_token: String::new(),
+            admin_token: String::new(),
+            max_uri_bytes: 2048,
+            max_headers: 64,
+            header_timeout: "10s".into(),
         }
     }
+}
+
+/// `[http]` as the server runs with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpSettings {
+    pub read_token: Option<String>,
+    pub admin_token: Option<String>,
+    pub max_uri_bytes: usize,
+    pub max_headers: usize,
+    pub header_timeout_ms: u64,
 }
 
 /// `[cluster]`: the processes of a multi-process cluster (timely's own cluster mode). Empty
@@ -368,6 +396,11 @@ impl Config {
                 *v = "***".into();
             }
         }
+        for token in [&mut shown.http.read_token, &mut shown.http.admin_token] {
+            if !token.is_empty() {
+                *token = "***".into();
+            }
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print config: {e}"))
     }
 }
@@ -403,8 +436,10 @@ fn apply_env(
                 SECTIONS.join(", ")
             );
         }
-        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
+        // A token such as "1e10" must not turn into a number.
+        let parsed = (!key.ends_with("token"))
+            .then(|| toml::from_str::<toml::Table>(&format!("v = {value}")).ok())
+            .flatten()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(value.clone()));
         let entry = table
@@ -442,6 +477,8 @@ pub struct Settings {
     pub kafka: KafkaConfig,
     pub start_offset: StartOffset,
     pub listen: String,
+    pub http: HttpSettings,
+    pub erasure_log: PathBuf,
     /// `None` when recommendations are off.
     pub recommendations: Option<RecommendSettings>,
     /// `None`: a single process.
@@ -678,6 +715,32 @@ fn duration_ms(key: &str, text: &str) -> Result<u64> {
     Ok(d.as_millis() as u64)
 }
 
+fn http_settings(h: &HttpConfig) -> Result<HttpSettings> {
+    let token = |name: &str, t: &str| -> Result<Option<String>> {
+        if t.is_empty() {
+            return Ok(None);
+        }
+        // RFC 6750 token68 characters: anything else could not be sent in a header.
+        if !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+        {
+            bail!("http.{name} may hold only letters, digits and -._~+/=");
+        }
+        Ok(Some(t.to_string()))
+    };
+    if h.max_uri_bytes < 64 || h.max_headers == 0 {
+        bail!("http.max_uri_bytes must be at least 64 and http.max_headers at least 1");
+    }
+    Ok(HttpSettings {
+        read_token: token("read_token", &h.read_token)?,
+        admin_token: token("admin_token", &h.admin_token)?,
+        max_uri_bytes: h.max_uri_bytes,
+        max_headers: h.max_headers,
+        header_timeout_ms: duration_ms("http.header_timeout", &h.header_timeout)?.max(1),
+    })
+}
+
 impl Settings {
     pub fn from_config(config: &Config) -> Result<Settings> {
         let e = &config.engine;
@@ -752,6 +815,8 @@ impl Settings {
             kafka: config.kafka.clone(),
             start_offset,
             listen: config.http.listen.clone(),
+            http: http_settings(&config.http)?,
+            erasure_log: e.erasure_log.clone(),
             recommendations: if config.recommendations.enabled {
                 Some(RecommendSettings::from_config(&config.recommendations)?)
             } else {
@@ -837,6 +902,7 @@ impl Settings {
         // Processes on one machine must not append to one dead-letter or triggers file.
         self.source.dead_letter_path = per_process(&self.source.dead_letter_path, process);
         self.triggers.path = per_process(&self.triggers.path, process);
+        self.erasure_log = per_process(&self.erasure_log, process);
         self.cluster = Some(Cluster {
             process,
             addresses: config.addresses.clone(),

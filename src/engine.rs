@@ -117,6 +117,12 @@ pub struct Shared {
     pub started: Instant,
     /// Triggers and live subscribers.
     pub live: crate::live::Live,
+    /// Where erasures are recorded.
+    pub erasures: crate::erasure::ErasureLog,
+    /// The erasure log's records at start, applied before any event.
+    pub erased: Mutex<Vec<crate::erasure::Erasure>>,
+    /// The type hashes of erasure and consent records.
+    pub controls: persona_dataflows::ControlKinds,
 }
 
 impl Shared {
@@ -142,6 +148,9 @@ impl Shared {
             None => (0, workers),
         };
         Arc::new(Shared {
+            erasures: crate::erasure::ErasureLog::new(settings.erasure_log.clone()),
+            erased: Mutex::new(Vec::new()),
+            controls: control_kinds(&names),
             dead: DeadLetters::new(dead_letters, metrics.clone()),
             kafka,
             metrics,
@@ -155,6 +164,15 @@ impl Shared {
             max_ts: AtomicU64::new(0),
             started: Instant::now(),
         })
+    }
+
+    /// Reads the erasure log, whose records the workers apply before any event; returns how
+    /// many there are.
+    pub fn load_erasures(&self) -> Result<usize> {
+        let records = crate::erasure::load(self.erasures.path())?;
+        let n = records.len();
+        *self.erased.lock().unwrap_or_else(|p| p.into_inner()) = records;
+        Ok(n)
     }
 
     /// The engine clock every worker has completed (`None` before the first time completes).
@@ -282,6 +300,8 @@ fn wall_ms() -> u64 {
 /// The worker's inputs; `None` once closed.
 struct Inputs {
     events: Option<InputSession<Time, Event, isize>>,
+    /// Erasure records from the HTTP API and the erasure log; never closed.
+    controls: InputSession<Time, Event, isize>,
     catalog: Option<InputSession<Time, (u64, u64), isize>>,
     /// Refresh ticks for the recommenders' neighbours and trending lists; `None` when they
     /// move at every time.
@@ -294,6 +314,9 @@ struct Inputs {
 
 impl Inputs {
     fn advance_to(&mut self, t: Time) {
+        if t > *self.controls.time() {
+            self.controls.advance_to(t);
+        }
         if let (Some(e), Some(c)) = (self.events.as_mut(), self.catalog.as_mut()) {
             if t > *e.time() {
                 e.advance_to(t);
@@ -310,6 +333,7 @@ impl Inputs {
         }
     }
     fn flush(&mut self) {
+        self.controls.flush();
         if let (Some(e), Some(c)) = (self.events.as_mut(), self.catalog.as_mut()) {
             e.flush();
             c.flush();
@@ -385,7 +409,12 @@ fn event_record(
 ) {
     shared.metrics.event_read();
     match parse::parse_event(raw, &shared.names, max_ts) {
-        Ok(event) => batch.push(event),
+        Ok(event) => {
+            if shared.controls.is_control(&event) {
+                shared.metrics.control_record();
+            }
+            batch.push(event)
+        }
         Err(r) => shared.dead.reject(&r, &origin.to_string(), raw),
     }
 }
@@ -527,6 +556,7 @@ fn run_worker(
         session_gap_ms: settings.session_gap_ms,
         dedup_horizon_ms: settings.dedup_horizon_ms,
         purchase_kind: shared.names.intern("purchase"),
+        controls: shared.controls,
         names: shared.names.order(),
     };
     let recommend_config = settings
@@ -555,6 +585,8 @@ fn run_worker(
     ) = worker.dataflow::<Time, _, _>(|scope| {
         let (events_in, raw) = scope.new_collection::<Event, isize>();
         let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
+        let (controls_in, controls) = scope.new_collection::<Event, isize>();
+        let raw = raw.concat(controls);
         // In a cluster, the event clock follows the largest ts parsed by any process.
         let max_share = settings.cluster.as_ref().map(|_| {
             let shared = shared.clone();
@@ -608,6 +640,7 @@ fn run_worker(
         (
             Inputs {
                 events: Some(events_in),
+                controls: controls_in,
                 catalog: Some(catalog_in),
                 refresh: refresh_in,
                 names: announcer,
@@ -635,6 +668,14 @@ fn run_worker(
         ClockMode::Event => 0,
     };
     inputs.advance_to(clock);
+    // The erasure log's records enter before any event (one worker of each process).
+    if local == 0 {
+        let start = std::mem::take(&mut *shared.erased.lock().unwrap_or_else(|p| p.into_inner()));
+        for e in start {
+            let record = erasure_event(e.user_hash, e.through_ms, &view_config);
+            inputs.controls.update(record, 1);
+        }
+    }
     let mut pending: Vec<Query> = Vec::new();
     let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
     let mut last_status = Instant::now()
@@ -935,7 +976,27 @@ fn run_worker(
                 }
             }
         }
-        pending.extend(queries.try_iter());
+        for mut q in queries.try_iter() {
+            if matches!(q.ask, Ask::Erase { through: None }) {
+                let now = Now {
+                    replay,
+                    clock_mode,
+                    clock,
+                };
+                match start_erasure(
+                    q,
+                    now,
+                    &mut inputs,
+                    &view_config,
+                    &mut worker_max_ts,
+                    shared,
+                ) {
+                    Some(waiting) => q = waiting,
+                    None => continue,
+                }
+            }
+            pending.push(q);
+        }
         if !pending.is_empty() {
             answer(
                 &mut traces,
@@ -964,6 +1025,93 @@ fn run_worker(
     drop(inputs);
     worker.drop_dataflow(dataflow_id);
     Ok(())
+}
+
+/// Where a worker's clock stands.
+#[derive(Clone, Copy)]
+struct Now {
+    replay: bool,
+    clock_mode: ClockMode,
+    clock: Time,
+}
+
+/// Records the erasure `q` asks for (erasure log, then the controls input) and makes `q` wait
+/// until every view has taken it in; returns `None` if `q` was answered instead.
+fn start_erasure(
+    mut q: Query,
+    now: Now,
+    inputs: &mut Inputs,
+    config: &ViewConfig,
+    worker_max_ts: &mut u64,
+    shared: &Shared,
+) -> Option<Query> {
+    if now.replay {
+        let _ = q.reply.send(Answer::Refused(
+            "a replay's served state is read-only: erase on the running engine (its erasure log also applies to later replays)".into(),
+        ));
+        return None;
+    }
+    let settings = &shared.settings;
+    // Everything accepted so far: no event has a ts beyond the largest parsed one (nor, under
+    // the live clock, beyond the allowed skew).
+    let parsed = shared.max_ts.load(Ordering::Acquire);
+    let cut = match now.clock_mode {
+        ClockMode::Live => wall_ms()
+            .saturating_add(settings.max_future_skew_ms)
+            .max(parsed),
+        // The event clock moves only with records' ts: this one moves it past the current
+        // time, in every process, so that the erasure completes.
+        ClockMode::Event => now
+            .clock
+            .saturating_add(settings.allowed_lateness_ms)
+            .max(parsed)
+            .saturating_add(1),
+    };
+    let record = crate::erasure::Erasure {
+        user_hash: q.user,
+        through_ms: cut,
+        requested_at_ms: wall_ms(),
+    };
+    if let Err(e) = shared.erasures.append(&record) {
+        tracing::error!("erasure not applied: {e:#}");
+        let _ = q.reply.send(Answer::Failed(format!("{e:#}")));
+        return None;
+    }
+    inputs
+        .controls
+        .update(erasure_event(q.user, cut, config), 1);
+    q.ask = Ask::Erase { through: Some(cut) };
+    q.min_as_of = Some(*inputs.controls.time());
+    if now.clock_mode == ClockMode::Event {
+        *worker_max_ts = (*worker_max_ts).max(cut);
+        shared.max_ts.fetch_max(cut, Ordering::AcqRel);
+        if let Some(m) = inputs.max_ts.as_mut() {
+            m.offer(*worker_max_ts);
+        }
+    }
+    shared.metrics.erased();
+    Some(q)
+}
+
+/// The type hashes of the control records (SPEC §2 types reserved by the engine).
+fn control_kinds(names: &Names) -> persona_dataflows::ControlKinds {
+    persona_dataflows::ControlKinds {
+        erasure: names.intern(parse::ERASURE_TYPE),
+        consent: names.intern(parse::CONSENT_TYPE),
+    }
+}
+
+/// The control record of an erasure of `user` through `through`.
+fn erasure_event(user: u64, through: u64, config: &ViewConfig) -> Event {
+    Event {
+        ts: through,
+        user,
+        id: 0,
+        kind: config.controls.erasure,
+        item: persona_dataflows::NO_ITEM,
+        value_bits: 0,
+        device: None,
+    }
 }
 
 /// The segment view's configuration (`None` without segments).
@@ -1128,6 +1276,11 @@ fn answer(
                     worker,
                     state: state.map(Box::new),
                 }),
+            (Ask::Erase { through }, _) => Ok(Answer::Erased {
+                as_of,
+                worker,
+                through: through.unwrap_or(0),
+            }),
             (Ask::SegmentCounts, _) => traces
                 .segment_counts(as_of, shared.settings.segments.len())
                 .map(|counts| Answer::SegmentCounts { as_of, counts }),

@@ -7,7 +7,7 @@
 
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
@@ -19,9 +19,24 @@ pub async fn get(
     address: &str,
     path_and_query: &str,
     from: usize,
+    token: Option<&str>,
     timeout: Duration,
 ) -> Result<Response<Full<Bytes>>, String> {
-    match tokio::time::timeout(timeout, get_inner(address, path_and_query, from)).await {
+    send(Method::GET, address, path_and_query, from, token, timeout).await
+}
+
+/// Sends a bodiless `method` request to the process at `address`, with the cluster's own
+/// bearer `token` (the caller has checked the client's).
+pub async fn send(
+    method: Method,
+    address: &str,
+    path_and_query: &str,
+    from: usize,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<Response<Full<Bytes>>, String> {
+    let sent = send_inner(method, address, path_and_query, from, token);
+    match tokio::time::timeout(timeout, sent).await {
         Ok(r) => r,
         Err(_) => Err(format!(
             "no answer from {address} within {} ms",
@@ -30,10 +45,12 @@ pub async fn get(
     }
 }
 
-async fn get_inner(
+async fn send_inner(
+    method: Method,
     address: &str,
     path_and_query: &str,
     from: usize,
+    token: Option<&str>,
 ) -> Result<Response<Full<Bytes>>, String> {
     let stream = tokio::net::TcpStream::connect(address)
         .await
@@ -45,9 +62,15 @@ async fn get_inner(
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let request = Request::get(path_and_query)
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path_and_query)
         .header(hyper::header::HOST, address)
-        .header(FORWARDED, from)
+        .header(FORWARDED, from);
+    if let Some(t) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let request = request
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("cannot build the forwarded request: {e}"))?;
     let response = sender

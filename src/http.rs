@@ -29,6 +29,9 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 pub type Body = Either<Full<Bytes>, crate::stream::SseBody>;
 type Reply = Response<Body>;
 
+/// The OpenAPI 3 description of this API.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
 /// The dashboard (SPEC §6 live delivery): one static page, no build step.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -91,13 +94,16 @@ pub async fn serve(
                 };
                 let shared = shared.clone();
                 tokio::spawn(async move {
+                    let for_conn = shared.clone();
                     let service = service_fn(move |req| {
                         let shared = shared.clone();
                         async move { Ok::<_, Infallible>(route(req, &shared).await) }
                     });
+                    let limits = &for_conn.settings.http;
                     let conn = http1::Builder::new()
                         .max_buf_size(64 * 1024)
-                        .header_read_timeout(Duration::from_secs(10))
+                        .max_headers(limits.max_headers)
+                        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
                         .timer(hyper_util::rt::TokioTimer::new())
                         .serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = conn.await {
@@ -114,15 +120,23 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let forwarded = req.headers().contains_key(crate::forward::FORWARDED);
+    if let Some(refused) = refuse(&req, &segments, shared) {
+        return refused;
+    }
     if let (Some(cluster), false) = (&shared.settings.cluster, forwarded) {
-        if let (&Method::GET, Some((label, key))) = (req.method(), routing_key(&segments)) {
+        let method = req.method();
+        let routed = (*method == Method::GET || *method == Method::DELETE)
+            .then(|| routing_key(method, &segments))
+            .flatten();
+        if let Some((label, key)) = routed {
             let process = cluster.process_of(shared.router.owner(key));
             if process != cluster.process {
                 let target = req
                     .uri()
                     .path_and_query()
                     .map_or(path.as_str(), |p| p.as_str());
-                let reply = forward(shared, process, target, req.uri().query()).await;
+                let reply =
+                    forward(shared, method.clone(), process, target, req.uri().query()).await;
                 shared
                     .metrics
                     .observe_query(label, started.elapsed().as_secs_f64());
@@ -137,6 +151,8 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         (&Method::GET, ["v1", "users", user]) => {
             ("profile", profile(shared, user, req.uri().query()).await)
         }
+        (&Method::DELETE, ["v1", "users", user]) => ("erase", erase(shared, user).await),
+        (&Method::GET, ["openapi.json"]) => ("openapi", openapi(shared)),
         (&Method::GET, ["v1", "users", user, "recommendations"]) => (
             "recommendations",
             recommendations(shared, user, req.uri().query()).await,
@@ -160,14 +176,8 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         | (_, ["v1", "status"])
         | (_, ["healthz"])
         | (_, ["readyz"])
-        | (_, ["metrics"]) => (
-            "other",
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{} is not allowed on {path}", req.method()),
-            ),
-        ),
+        | (_, ["metrics"])
+        | (_, ["openapi.json"]) => ("other", not_allowed(req.method(), &path, &segments)),
         _ => (
             "other",
             error(
@@ -187,9 +197,10 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
     reply
 }
 
-/// The metrics label and routing key (user or item hash) of a read that its owner answers.
-fn routing_key(segments: &[&str]) -> Option<(&'static str, u64)> {
+/// The metrics label and routing key (user or item hash) of a request that its owner answers.
+fn routing_key(method: &Method, segments: &[&str]) -> Option<(&'static str, u64)> {
     let (label, id, what) = match segments {
+        ["v1", "users", user] if method == Method::DELETE => ("erase", user, "user"),
         ["v1", "users", user] => ("profile", user, "user"),
         ["v1", "users", user, "recommendations"] => ("recommendations", user, "user"),
         ["v1", "items", item, "similar"] => ("similar", item, "item"),
@@ -201,7 +212,13 @@ fn routing_key(segments: &[&str]) -> Option<(&'static str, u64)> {
 }
 
 /// Relays a read to `process`, which owns its user or item.
-async fn forward(shared: &Arc<Shared>, process: usize, target: &str, query: Option<&str>) -> Reply {
+async fn forward(
+    shared: &Arc<Shared>,
+    method: Method,
+    process: usize,
+    target: &str,
+    query: Option<&str>,
+) -> Reply {
     let Some(cluster) = shared.settings.cluster.as_ref() else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no cluster");
     };
@@ -213,7 +230,9 @@ async fn forward(shared: &Arc<Shared>, process: usize, target: &str, query: Opti
         .min(MAX_TIMEOUT_MS);
     let timeout = Duration::from_millis(wait + 2_000);
     let address = &cluster.http[process];
-    match crate::forward::get(address, target, cluster.process, timeout).await {
+    let token = crate::auth::internal_token(&shared.settings.http);
+    let sent = crate::forward::send(method, address, target, cluster.process, token, timeout);
+    match sent.await {
         Ok(reply) => reply.map(Either::Left),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -467,6 +486,128 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
     }
 }
 
+/// 405, with the `Allow` header RFC 9110 asks for.
+fn not_allowed(method: &Method, path: &str, segments: &[&str]) -> Reply {
+    let allow = match segments {
+        ["v1", "users", _] => "GET, DELETE",
+        _ => "GET",
+    };
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path} (allowed: {allow})"),
+    );
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Refuses a request that is too long or not authorised (before it is routed or forwarded).
+fn refuse(req: &Request<Incoming>, segments: &[&str], shared: &Arc<Shared>) -> Option<Reply> {
+    let limits = &shared.settings.http;
+    let length = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if length > limits.max_uri_bytes {
+        shared.metrics.refused("uri_too_long");
+        return Some(error(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "path and query are {length} bytes; the limit is {} (http.max_uri_bytes)",
+                limits.max_uri_bytes
+            ),
+        ));
+    }
+    let scope = crate::auth::scope(req.method(), segments);
+    let header = req.headers().get(hyper::header::AUTHORIZATION);
+    let (status, code, message) = match crate::auth::check(limits, scope, header) {
+        Ok(()) => return None,
+        Err(crate::auth::Refusal::Missing) => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs an Authorization: Bearer token",
+        ),
+        Err(crate::auth::Refusal::Invalid) => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is not valid",
+        ),
+        Err(crate::auth::Refusal::Forbidden) => (
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this endpoint needs the admin token; the read token does not pass",
+        ),
+    };
+    shared.metrics.refused(code);
+    let mut r = error(status, code, message);
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"persona\""),
+        );
+    }
+    Some(r)
+}
+
+/// `DELETE /v1/users/{id}`: erases the user (see `crate::erasure`); answers once every view
+/// has taken the erasure in.
+async fn erase(shared: &Arc<Shared>, raw_user: &str) -> Reply {
+    let user_id = match path_id(raw_user, "user") {
+        Ok(u) => u,
+        Err(r) => return *r,
+    };
+    let answer = shared
+        .router
+        .ask(
+            crate::names::hash(&user_id),
+            Ask::Erase { through: None },
+            None,
+            Duration::from_millis(MAX_TIMEOUT_MS),
+        )
+        .await;
+    match answer {
+        Answer::Erased {
+            as_of,
+            worker,
+            through,
+        } => {
+            tracing::info!(erased_through_ms = through, as_of, "a user was erased");
+            answered_by(
+                json_reply(
+                    StatusCode::OK,
+                    &json!({"user_id": user_id, "erased": true, "erased_through_ms": through, "as_of_ms": as_of}),
+                ),
+                worker,
+            )
+        }
+        Answer::Failed(message) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "erasure_failed", message)
+        }
+        Answer::Refused(message) => error(StatusCode::CONFLICT, "read_only", message),
+        other => unanswered(shared, other, "erasures"),
+    }
+}
+
+/// `GET /openapi.json`: the API description (docs/openapi.json, embedded), with the configured
+/// strategy names filled in.
+fn openapi(shared: &Arc<Shared>) -> Reply {
+    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(OPENAPI) else {
+        return json_bytes(StatusCode::OK, OPENAPI.as_bytes().to_vec());
+    };
+    let strategies: Vec<&String> = shared
+        .settings
+        .recommendations
+        .as_ref()
+        .map(|r| r.strategies.keys().collect())
+        .unwrap_or_default();
+    let params = &mut doc["paths"]["/v1/users/{user_id}/recommendations"]["get"]["parameters"];
+    if let Some(list) = params.as_array_mut() {
+        for p in list.iter_mut().filter(|p| p["name"] == "strategy") {
+            p["schema"]["enum"] = json!(strategies);
+        }
+    }
+    json_reply(StatusCode::OK, &doc)
+}
+
 /// `GET /v1/users/{id}/stream`. In a cluster, a user of another process is redirected there:
 /// a stream is not relayed.
 fn stream(shared: &Arc<Shared>, raw_user: &str) -> Reply {
@@ -513,6 +654,7 @@ fn stream(shared: &Arc<Shared>, raw_user: &str) -> Reply {
 /// complete time; in a cluster, summed over the processes (each asked for its own).
 async fn segment_list(shared: &Arc<Shared>, local: bool) -> Reply {
     let timeout = Duration::from_millis(DEFAULT_TIMEOUT_MS);
+    let token = crate::auth::internal_token(&shared.settings.http);
     let mut counts = vec![0u64; shared.settings.segments.len()];
     let mut as_of: Option<u64> = None;
     for answer in shared.router.ask_all(Ask::SegmentCounts, timeout).await {
@@ -532,7 +674,7 @@ async fn segment_list(shared: &Arc<Shared>, local: bool) -> Reply {
         for p in others {
             let address = &cluster.http[p];
             let reply =
-                crate::forward::get(address, "/v1/segments", cluster.process, timeout).await;
+                crate::forward::get(address, "/v1/segments", cluster.process, token, timeout).await;
             let body = match reply {
                 Ok(r) if r.status() == StatusCode::OK => {
                     use http_body_util::BodyExt;
@@ -606,6 +748,7 @@ async fn status(shared: &Arc<Shared>, local: bool) -> Reply {
                 &cluster.http[p],
                 "/v1/status",
                 cluster.process,
+                crate::auth::internal_token(&shared.settings.http),
                 Duration::from_secs(2),
             )
             .await;

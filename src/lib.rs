@@ -6,10 +6,12 @@
 //!                                                                        ◀─ queries (query) ◀─ HTTP (http)
 //! ```
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod deadletter;
 pub mod engine;
+pub mod erasure;
 pub mod evaluate;
 pub mod forward;
 pub mod generate;

@@ -56,6 +56,9 @@ struct Inner {
     triggers: Family<TriggerLabel, Counter>,
     streams: Gauge,
     streams_dropped: Counter,
+    erasures: Counter,
+    controls: Counter,
+    refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -148,8 +151,29 @@ impl Metrics {
             "Live streams closed because their client fell behind",
             streams_dropped.clone(),
         );
+        let erasures = Counter::default();
+        registry.register(
+            "erasures",
+            "Users erased through DELETE /v1/users/{id}",
+            erasures.clone(),
+        );
+        let controls = Counter::default();
+        registry.register(
+            "control_records",
+            "Erasure and consent records read from sources (not counted as events)",
+            controls.clone(),
+        );
+        let refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "requests_refused",
+            "HTTP requests refused before routing, by reason (unauthorized, forbidden, uri_too_long)",
+            refused.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                erasures,
+                controls,
+                refused,
                 triggers,
                 streams,
                 streams_dropped,
@@ -166,6 +190,27 @@ impl Metrics {
                 query_latency,
             }),
         }
+    }
+
+    pub fn erased(&self) {
+        self.inner.erasures.inc();
+    }
+
+    pub fn control_record(&self) {
+        self.inner.controls.inc();
+    }
+
+    pub fn control_records(&self) -> u64 {
+        self.inner.controls.get()
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.inner
+            .refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn event_read(&self) {

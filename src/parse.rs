@@ -25,6 +25,11 @@ pub const ITEM_TYPES: [&str; 4] = [
     "purchase",
 ];
 
+/// Control record type: erases the user's events with `ts` at or before its own.
+pub const ERASURE_TYPE: &str = "erasure";
+/// Control record type: `properties.personalization` (bool) grants or revokes profiling.
+pub const CONSENT_TYPE: &str = "consent";
+
 /// Every rejection reason code.
 pub const REASONS: [&str; 8] = [
     "invalid_json",
@@ -77,6 +82,13 @@ impl<'de> Deserialize<'de> for AnyObject {
         }
         d.deserialize_map(V)
     }
+}
+
+/// The one property the engine reads (the rest of the object is skipped unread).
+#[derive(Deserialize)]
+struct RawProperties {
+    #[serde(default)]
+    personalization: Option<serde_json::Value>,
 }
 
 /// `ts` as written: an integer or a string.
@@ -143,8 +155,7 @@ struct RawEvent<'a> {
     #[allow(dead_code)]
     context: Option<AnyObject>,
     #[serde(default)]
-    #[allow(dead_code)]
-    properties: Option<AnyObject>,
+    properties: Option<RawProperties>,
     #[serde(default)]
     schema_version: Option<i64>,
 }
@@ -209,6 +220,20 @@ pub fn parse_event(line: &[u8], names: &Names, max_ts: Option<u64>) -> Result<Ev
         None if ITEM_TYPES.contains(&kind) => return Err(missing_because("item_id", kind)),
         None => None,
     };
+    // A consent record carries its grant as `value` (1 granted, 0 revoked).
+    let consent = if kind == CONSENT_TYPE {
+        match raw.properties.and_then(|p| p.personalization) {
+            Some(serde_json::Value::Bool(b)) => Some(b),
+            _ => {
+                return Err(Rejection::new(
+                    "invalid_field",
+                    "a consent event needs properties.personalization = true or false",
+                ))
+            }
+        }
+    } else {
+        None
+    };
     let value = match raw.value {
         Some(v) if !v.is_finite() || v < 0.0 => {
             return Err(Rejection::new(
@@ -219,6 +244,7 @@ pub fn parse_event(line: &[u8], names: &Names, max_ts: Option<u64>) -> Result<Ev
         Some(v) => v + 0.0, // normalises -0.0
         None => 0.0,
     };
+    let value = consent.map_or(value, |granted| if granted { 1.0 } else { 0.0 });
     let device = match raw.device {
         None => None,
         Some(d) => match d.kind.as_deref() {

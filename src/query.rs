@@ -27,6 +27,10 @@ pub enum Ask {
     },
     /// Members of each segment among this worker's users (every worker is asked).
     SegmentCounts,
+    /// Erase the user (the owner fills in `through` when it records the erasure).
+    Erase {
+        through: Option<u64>,
+    },
 }
 
 /// A read, sent to the worker that owns `user`.
@@ -64,6 +68,16 @@ pub enum Answer {
     },
     /// This worker's member count of each segment (by id) at `as_of`.
     SegmentCounts { as_of: u64, counts: Vec<u64> },
+    /// The user's events with `ts <= through` are gone from every view as of `as_of`.
+    Erased {
+        as_of: u64,
+        worker: usize,
+        through: u64,
+    },
+    /// The request could not be carried out (the reason is for the client).
+    Failed(String),
+    /// The request is not possible in this mode (the reason is for the client).
+    Refused(String),
     /// Recommendations are turned off in the configuration.
     Disabled,
     /// `min_as_of` was not reached before the deadline; the clock is at `as_of`.

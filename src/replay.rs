@@ -20,6 +20,8 @@ pub struct Summary {
     pub duplicates: u64,
     pub conflicting_duplicates: u64,
     pub dead_letters: u64,
+    /// Erasure and consent records (not events: never accepted nor duplicates).
+    pub control_records: u64,
     pub users: usize,
     pub as_of_ms: u64,
     pub elapsed: Duration,
@@ -38,6 +40,9 @@ impl std::fmt::Display for Summary {
             "replayed {} events: {} accepted, {} duplicates ({} conflicting), {} dead letters; {} users as of {}; elapsed {:.3} s, {:.0} events/s",
             self.lines, self.accepted, self.duplicates, self.conflicting_duplicates, self.dead_letters, self.users, self.as_of_ms, secs, rate
         )?;
+        if self.control_records > 0 {
+            write!(f, ", {} erasure/consent records", self.control_records)?;
+        }
         if let Some(kib) = peak_rss_kib() {
             write!(f, ", peak RSS {} MiB", kib / 1024)?;
         }
@@ -101,6 +106,14 @@ pub fn replay(
         triggers.map(|t| Sink::File(FileSink::new(t))),
         None,
     );
+    // A backfill must not bring erased users back.
+    let erased = shared.load_erasures()?;
+    if erased > 0 {
+        eprintln!(
+            "applying {erased} erasures from {}",
+            shared.erasures.path().display()
+        );
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     let mode = Mode::Replay {
         events: events.to_path_buf(),
@@ -143,6 +156,7 @@ pub fn replay(
         duplicates: m.duplicates(),
         conflicting_duplicates: m.conflicting(),
         dead_letters: m.dead_letters_total(),
+        control_records: m.control_records(),
         users: profiles.len(),
         as_of_ms: as_of,
         elapsed: started.elapsed(),
@@ -196,6 +210,7 @@ fn empty_summary() -> Summary {
         duplicates: 0,
         conflicting_duplicates: 0,
         dead_letters: 0,
+        control_records: 0,
         users: 0,
         as_of_ms: 0,
         elapsed: Duration::ZERO,

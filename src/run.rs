@@ -41,7 +41,11 @@ pub fn command(settings: Settings) -> Result<()> {
     };
     let listen = settings.listen.clone();
     let triggers = crate::live::sink(&settings)?;
+    for warning in crate::auth::warnings(&settings.http, &listen) {
+        tracing::warn!("{warning}");
+    }
     let shared = Shared::new(settings, source.path.clone(), dead, triggers, monitor);
+    let erased = shared.load_erasures()?;
     let server = Server::start(&listen, shared.clone(), true)?;
     tracing::info!(
         workers = shared.workers.len(),
@@ -49,6 +53,7 @@ pub fn command(settings: Settings) -> Result<()> {
         dead_letters = shared.dead.describe(),
         segments = shared.settings.segments.len(),
         triggers = shared.live.describe(),
+        erasures = erased,
         "persona listening on http://{}",
         server.addr
     );

@@ -27,7 +27,8 @@ fn config(dir: &Path, name: &str, brokers: &str, workers: usize, cluster: &str) 
     std::fs::write(
         &path,
         format!(
-            "{ENGINE}workers = {workers}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n{cluster}",
+            "{ENGINE}workers = {workers}\nerasure_log = {:?}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n{cluster}",
+            dir.join(format!("{name}-erasures.jsonl")).display().to_string(),
             dir.join(format!("{name}-dead.jsonl")).display().to_string(),
             dir.join(format!("{name}-triggers.jsonl")).display().to_string(),
         ),
@@ -319,6 +320,48 @@ fn two_processes_of_two_workers_match_one_process() {
     let (one_later, _) = profiles_at(&single, &users, max_ts + 1);
     let (again, _) = profiles_at(&cluster.processes[1], &users, max_ts + 1);
     support::assert_profiles_eq(&again, &one_later, "restarted 2x2 vs 1x1");
+
+    // Erasure through the process that does not own the user (forwarded to the owner), and
+    // as a control record on the topic, which the single process honours too.
+    let (_, owners) = profiles_at(&cluster.processes[0], &users, max_ts + 1);
+    let remote = users.iter().find(|u| owners[*u].0 == "1").unwrap();
+    let on_topic = users.iter().find(|u| *u != remote).unwrap();
+    let encoded = |u: &str| utf8_percent_encode(u, NON_ALPHANUMERIC).to_string();
+    let (status, body, _) =
+        cluster.processes[0].call("DELETE", &format!("/v1/users/{}", encoded(remote)), None);
+    assert_eq!(status, 200, "{body}");
+    let control = dir.path().join("erasure.jsonl");
+    let record = serde_json::json!({"event_id": "erase-1", "user_id": on_topic, "type": "erasure", "ts": max_ts + 3});
+    std::fs::write(&control, format!("{record}\n")).unwrap();
+    produce(&broker.addr, EVENTS, &control);
+    produce(
+        &broker.addr,
+        EVENTS,
+        &clock_event(dir.path(), "zz-after", max_ts + 4),
+    );
+    for engine in [&single, &cluster.processes[0], &cluster.processes[1]] {
+        for user in [on_topic, remote] {
+            if engine.base == single.base && user == remote {
+                continue; // erased in the cluster only
+            }
+            let path = format!(
+                "/v1/users/{}?min_as_of_ms={}&timeout_ms=20000",
+                encoded(user),
+                max_ts + 3
+            );
+            let (status, body, _) = engine.get(&path);
+            assert_eq!(status, 404, "{user} is erased: {body}");
+        }
+    }
+    assert!(
+        std::fs::read_to_string(dir.path().join("cluster-erasures.p1.jsonl"))
+            .unwrap()
+            .contains(&format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(remote.as_bytes())
+            )),
+        "the owner recorded it"
+    );
     cluster.stop();
     single.stop();
 }

@@ -1,5 +1,6 @@
 //! Property tests: `persona replay` on random logs — duplicates, conflicting duplicates, late
-//! and out-of-order events, bad lines, catalog updates and deletions — equals the from-scratch
+//! and out-of-order events, bad lines, catalog updates and deletions, erasures and consent
+//! records — equals the from-scratch
 //! reference of SPEC §4 in `support/reference.rs`, field by field, on 1, 2 and 4 workers.
 
 mod support;
@@ -57,7 +58,9 @@ const ITEMS: [&str; 7] = ["i1", "i2", "i3", "b", "a", "item-with-a-longer-id", "
 const VALUES: [f64; 4] = [0.0, 1.5, 19.99, 100.0];
 const DEVICES: [&str; 4] = ["desktop", "mobile", "tablet", "other"];
 const CATEGORIES: [&str; 3] = ["shoes", "bags", "hats"];
-const BAD_LINES: [&str; 9] = [
+const BAD_LINES: [&str; 11] = [
+    r#"{"event_id":"bad8","user_id":"u1","type":"consent","ts":1700000000000}"#,
+    r#"{"event_id":"bad9","user_id":"u1","type":"consent","ts":1700000000000,"properties":{"personalization":"no"}}"#,
     "not json at all",
     "[1,2,3]",
     r#"{"event_id":"bad1","type":"click","ts":1700000000000}"#,
@@ -145,8 +148,13 @@ fn case() -> impl Strategy<Value = Case> {
         ),
         0..14,
     );
+    // Erasures (0), revocations (1) and grants (2); some delivered twice.
+    let controls = prop_oneof![
+        2 => Just(Vec::new()),
+        3 => proptest::collection::vec((0..USERS.len(), 0..3u8, offset(), proptest::bool::weighted(0.3)), 1..5),
+    ];
     let order = proptest::collection::vec(any::<u64>(), 200);
-    (events, dups, bad, catalog, order).prop_map(|(events, dups, bad, catalog, order)| {
+    (events, dups, bad, catalog, controls, order).prop_map(|(events, dups, bad, catalog, controls, order)| {
         let mut lines: Vec<String> = events
             .iter()
             .enumerate()
@@ -170,6 +178,19 @@ fn case() -> impl Strategy<Value = Case> {
             }
         }
         lines.extend(bad.iter().map(|s| s.to_string()));
+        for (n, (user, what, offset, twice)) in controls.into_iter().enumerate() {
+            let mut o = json!({"event_id": format!("c{n}"), "user_id": USERS[user], "ts": BASE + offset});
+            if what == 0 {
+                o["type"] = json!("erasure");
+            } else {
+                o["type"] = json!("consent");
+                o["properties"] = json!({"personalization": what == 2, "source": "banner"});
+            }
+            lines.push(o.to_string());
+            if twice {
+                lines.push(o.to_string());
+            }
+        }
         // Arbitrary arrival order: late and out-of-order events everywhere.
         let mut keyed: Vec<(u64, String)> = lines
             .into_iter()

@@ -1,17 +1,19 @@
 //! persona's differential computations: pure views over user events, no I/O.
 //!
 //! ```text
-//! raw events ──dedup (by event id)──▶ events ──┬─ basics ─────▶ Basics (first/last seen, spend,
-//!   (exchanged by event id)                    │                items, last device, sessions)
-//!                                              │                  └▶ arranged by user: `basics`
-//!                                              ├─ counts ─────▶ Count(type), Device(d) ─┐
-//!                                              ├─ windows ────▶ Recent { ts, type } ────┤ arranged by
-//! catalog (item → category) ───────────────────┴─ categories ─▶ Category(c) ────────────┘ user: `features`
+//! raw events ─┬─ dedup (by event id) ─┐
+//!             └─ erasure, consent ────┴─ gate (by user) ─▶ events ──┬─ basics ─────▶ Basics (first/last seen, spend,
+//!                                                                   │                items, last device, sessions)
+//!                                                                   │                  └▶ arranged by user: `basics`
+//!                                                                   ├─ counts ─────▶ Count(type), Device(d) ─┐
+//!                                                                   ├─ windows ────▶ Recent { ts, type } ────┤ arranged by
+//! catalog (item → category) ────────────────────────────────────────┴─ categories ─▶ Category(c) ────────────┘ user: `features`
 //! ```
 //!
 //! | view | per event | state |
 //! |---|---|---|
 //! | [`dedup`] | O(1) | one entry per id within the dedup horizon |
+//! | [`gate`] | O(1); an erasure or consent record costs O(the user's events) | every event since the user's last erasure |
 //! | [`basics`] | O(log n) in the user's history | one ordered entry per distinct (user, ts), (user, item, ts), device event |
 //! | [`counts`] | 1-2 updates | one record per (user, type / device) |
 //! | [`windows`] | 2 updates, O(log pending) | one record per event within the widest window |
@@ -29,6 +31,7 @@ pub mod categories;
 pub mod counts;
 pub mod dedup;
 pub mod event;
+pub mod gate;
 pub mod interactions;
 pub mod popular;
 pub mod profile;
@@ -41,6 +44,7 @@ pub mod windows;
 pub use basics::Basics;
 pub use dedup::DedupObserver;
 pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM};
+pub use gate::ControlKinds;
 pub use interactions::{Affinity, InteractionConfig};
 pub use popular::{Popular, PopularConfig};
 pub use profile::{

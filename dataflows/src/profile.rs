@@ -10,21 +10,19 @@
 //! one worker that owns the user, at one `as_of`: every answer is consistent at its time.
 
 use crate::basics::{self, Basics};
-use crate::event::{route_hash, Device, Event, NameOrder, Time, UserKey};
+use crate::event::{Device, Event, NameOrder, Time, UserKey};
 use crate::recommend::{recommendation_views, RecommendConfig, RecommendViews};
 use crate::segments::{self, SegmentConfig};
 use crate::windows::{self, Ticks};
-use crate::{categories, counts, dedup};
+use crate::{categories, counts, dedup, gate};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::{cursor_list, Cursor, CursorList, Navigable};
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::trace::TraceReader;
-use differential_dataflow::AsCollection;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use timely::dataflow::operators::Exchange;
 use timely::progress::Antichain;
 
 /// An additive fact about a user: its value is the record's multiplicity.
@@ -63,6 +61,8 @@ pub struct ViewConfig {
     pub dedup_horizon_ms: u64,
     /// Hash of the type name `purchase`, whose `value`s are spend.
     pub purchase_kind: u64,
+    /// Type hashes of the erasure and consent control records.
+    pub controls: gate::ControlKinds,
     pub names: NameOrder,
 }
 
@@ -87,12 +87,14 @@ pub fn profiles<'s>(
     refresh: Option<&Ticks<'s>>,
     stats: Arc<dyn dedup::DedupObserver>,
 ) -> Views<'s> {
-    // One move to the user's worker; every view downstream is keyed by user, so their own
-    // exchanges then stay on this worker.
-    let events = dedup::dedup(raw, config.dedup_horizon_ms, stats)
-        .inner
-        .exchange(|update: &(Event, Time, isize)| route_hash(update.0.user))
-        .as_collection();
+    // The gate is the one move to the user's worker; every view downstream is keyed by user,
+    // so their own exchanges then stay on this worker.
+    let (raw, controls) = gate::split(raw, config.controls);
+    let events = gate::gate(
+        dedup::dedup(raw, config.dedup_horizon_ms, stats),
+        controls,
+        config.controls,
+    );
     let basics = basics::basics(
         events.clone(),
         config.session_gap_ms,

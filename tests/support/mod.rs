@@ -15,6 +15,8 @@ pub fn settings(workers: usize) -> Settings {
     let mut c = Config::default();
     c.engine.workers = workers;
     c.engine.dedup_horizon = "365d".into();
+    // Never the erasures of whoever ran the engine in this directory.
+    c.engine.erasure_log = "".into();
     let mut s = Settings::from_config(&c).expect("default settings are valid");
     s.clock = ClockMode::Event;
     s

@@ -62,11 +62,25 @@ impl Process {
     }
 
     pub fn get(&self, path: &str) -> (u16, Value, Option<String>) {
-        let request = ureq::get(&format!("{}{path}", self.base)).timeout(Duration::from_secs(30));
+        self.call("GET", path, None)
+    }
+
+    /// `method` on `path` with an optional bearer token: status, JSON body, `x-persona-worker`.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> (u16, Value, Option<String>) {
+        let mut request =
+            ureq::request(method, &format!("{}{path}", self.base)).timeout(Duration::from_secs(30));
+        if let Some(t) = token {
+            request = request.set("Authorization", &format!("Bearer {t}"));
+        }
         let response = match request.call() {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("GET {path}: {e}"),
+            Err(e) => panic!("{method} {path}: {e}"),
         };
         let status = response.status();
         let worker = response.header("x-persona-worker").map(str::to_string);

@@ -49,6 +49,8 @@ pub struct Ev {
     pub item: Option<String>,
     pub value: f64,
     pub device: Option<String>,
+    /// `consent` records: `properties.personalization`.
+    pub granted: Option<bool>,
 }
 
 fn id_ok(v: Option<&Value>) -> Option<String> {
@@ -115,6 +117,11 @@ pub fn validate(line: &str) -> Option<Ev> {
             return None;
         }
     }
+    let granted = if kind == "consent" {
+        Some(o.get("properties")?.get("personalization")?.as_bool()?)
+    } else {
+        None
+    };
     let device = if absent(o.get("device")) {
         None
     } else {
@@ -139,7 +146,31 @@ pub fn validate(line: &str) -> Option<Ev> {
         item,
         value,
         device,
+        granted,
     })
+}
+
+/// Whether the erasure and consent records of `controls` (one user's) admit an event at `ts`:
+/// not erased (no erasure at or after it), not before the last revocation, and after a later
+/// grant if there is a revocation.
+pub fn admitted(ts: u64, controls: &[&Ev]) -> bool {
+    if controls.iter().any(|c| c.kind == "erasure" && ts <= c.ts) {
+        return false;
+    }
+    let revoked = controls
+        .iter()
+        .filter(|c| c.granted == Some(false))
+        .map(|c| c.ts)
+        .max();
+    match revoked {
+        None => true,
+        Some(r) => {
+            ts > r
+                && controls
+                    .iter()
+                    .any(|c| c.granted == Some(true) && c.ts > r && c.ts <= ts)
+        }
+    }
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -185,10 +216,12 @@ pub fn profiles(events: &[String], catalog_lines: &[String]) -> (Vec<Value>, Sta
     (out, stats)
 }
 
-/// The accepted, de-duplicated events of a log by event id, and the counts.
+/// The accepted, de-duplicated events of a log that erasures and consent admit, by event id,
+/// and the counts (`accepted` counts events before erasures and consent apply).
 pub fn accepted(events: &[String]) -> (BTreeMap<String, Ev>, Stats) {
     let mut stats = Stats::default();
     let mut kept: BTreeMap<String, Ev> = BTreeMap::new();
+    let mut controls: Vec<Ev> = Vec::new();
     for line in events {
         if line.trim().is_empty() {
             continue;
@@ -198,6 +231,10 @@ pub fn accepted(events: &[String]) -> (BTreeMap<String, Ev>, Stats) {
             stats.dead += 1;
             continue;
         };
+        if ev.kind == "erasure" || ev.kind == "consent" {
+            controls.push(ev); // facts: no de-duplication, never counted as events
+            continue;
+        }
         match kept.get(&ev.id) {
             None => {
                 kept.insert(ev.id.clone(), ev);
@@ -211,6 +248,10 @@ pub fn accepted(events: &[String]) -> (BTreeMap<String, Ev>, Stats) {
         }
     }
     stats.accepted = kept.len() as u64;
+    kept.retain(|_, e| {
+        let mine: Vec<&Ev> = controls.iter().filter(|c| c.user == e.user).collect();
+        admitted(e.ts, &mine)
+    });
     (kept, stats)
 }
 

@@ -1,0 +1,210 @@
+//! Admits each user's events through their erasures and consent, keyed by user.
+//!
+//! Two control records act on a user's events (both are parsed like events, but never counted):
+//! * an **erasure** at `ts` removes every event of the user with `ts` at or before it, for good:
+//!   they are retracted from every view downstream and no longer held here;
+//! * a **consent** record at `ts` grants (`value` 1) or revokes (`value` 0) personalisation. A
+//!   revocation clears the profile (events at or before it are withheld) and withholds later
+//!   events until a grant with a larger `ts`.
+//!
+//! So an event is admitted iff `ts > max(last erasure, last revocation)` and, when the user has
+//! a revocation, some grant lies in `(last revocation, ts]`. The rule depends on event time
+//! only, so a replay gives the same result whatever the arrival order, late records included.
+//! Control records are facts, idempotent by content: they bypass de-duplication, and a record
+//! seen twice changes nothing. At equal `ts`, a revocation wins over a grant.
+//!
+//! Cost: O(1) per event (a push onto the user's held events); a control record costs O(the
+//! user's held events). Memory: every held event (all of a user's events after their last
+//! erasure), the erasure time and the consent records of each user that has them.
+
+use crate::event::{route_hash, Event, Time};
+use differential_dataflow::{AsCollection, VecCollection};
+use foldhash::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+
+/// The event types that are control records, by name hash.
+#[derive(Clone, Copy, Debug)]
+pub struct ControlKinds {
+    pub erasure: u64,
+    pub consent: u64,
+}
+
+impl ControlKinds {
+    pub fn is_control(&self, e: &Event) -> bool {
+        e.kind == self.erasure || e.kind == self.consent
+    }
+}
+
+/// What is known of one user's controls, and the events that may still be admitted.
+#[derive(Default)]
+struct UserGate {
+    held: Vec<Event>,
+    erased_to: Option<u64>,
+    /// Consent records: (ts, granted). A revocation and a grant at one ts are both kept.
+    consents: BTreeSet<(u64, bool)>,
+}
+
+impl UserGate {
+    /// Events with `ts >= from` and `ts > to` are admitted (`None`: nothing is withheld).
+    fn bounds(&self) -> (Option<u64>, u64) {
+        let revoked = self
+            .consents
+            .iter()
+            .rev()
+            .find(|(_, granted)| !granted)
+            .map(|(ts, _)| *ts);
+        let to = match (self.erased_to, revoked) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        // After a revocation, nothing until the first grant strictly after it.
+        let from = match revoked {
+            None => 0,
+            Some(r) => self
+                .consents
+                .range((r + 1, false)..)
+                .find(|(_, granted)| *granted)
+                .map_or(u64::MAX, |(ts, _)| *ts),
+        };
+        (to, from)
+    }
+
+    fn admits(bounds: (Option<u64>, u64), e: &Event) -> bool {
+        let (to, from) = bounds;
+        to.is_none_or(|to| e.ts > to) && e.ts >= from
+    }
+}
+
+enum Update {
+    Event(Event, isize),
+    Control(Event),
+}
+
+/// Splits control records from `raw` events: returns (ordinary events, control records).
+pub fn split<'s>(
+    raw: VecCollection<'s, Time, Event>,
+    kinds: ControlKinds,
+) -> (
+    VecCollection<'s, Time, Event>,
+    VecCollection<'s, Time, Event>,
+) {
+    let controls = raw.clone().filter(move |e| kinds.is_control(e));
+    let events = raw.filter(move |e| !kinds.is_control(e));
+    (events, controls)
+}
+
+/// Admits `events` (de-duplicated) through `controls`, see the module doc. Both inputs are
+/// exchanged by user; the output stays on the user's worker.
+pub fn gate<'s>(
+    events: VecCollection<'s, Time, Event>,
+    controls: VecCollection<'s, Time, Event>,
+    kinds: ControlKinds,
+) -> VecCollection<'s, Time, Event> {
+    let by_user = || Exchange::new(|u: &(Event, Time, isize)| route_hash(u.0.user));
+    events
+        .inner
+        .binary_frontier(
+            controls.inner,
+            by_user(),
+            by_user(),
+            "Gate",
+            move |_cap, _info| {
+                let mut pending: BTreeMap<Time, (Capability<Time>, Vec<Update>)> = BTreeMap::new();
+                let mut users: HashMap<u64, UserGate> = HashMap::default();
+                let mut changes: Vec<(Event, isize)> = Vec::new();
+                move |(events, events_frontier), (controls, controls_frontier), output| {
+                    events.for_each(|cap, data| {
+                        for (e, time, diff) in data.drain(..) {
+                            let slot = pending
+                                .entry(time)
+                                .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
+                            slot.1.push(Update::Event(e, diff));
+                        }
+                    });
+                    controls.for_each(|cap, data| {
+                        for (e, time, diff) in data.drain(..) {
+                            // Facts: a retraction (none is ever sent) would not undo one.
+                            if diff > 0 {
+                                let slot = pending
+                                    .entry(time)
+                                    .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
+                                slot.1.push(Update::Control(e));
+                            }
+                        }
+                    });
+                    while let Some(entry) = pending.first_entry() {
+                        let t = entry.key();
+                        if events_frontier.less_equal(t) || controls_frontier.less_equal(t) {
+                            break;
+                        }
+                        let (time, (cap, mut batch)) = entry.remove_entry();
+                        // Controls first: this time's events are judged by this time's rules.
+                        batch.sort_by_key(|u| matches!(u, Update::Event(..)));
+                        for update in batch {
+                            match update {
+                                Update::Control(c) => {
+                                    let user = users.entry(c.user).or_default();
+                                    control(user, c, &kinds, &mut changes);
+                                }
+                                Update::Event(e, diff) => {
+                                    let user = users.entry(e.user).or_default();
+                                    if user.erased_to.is_some_and(|to| e.ts <= to) {
+                                        continue; // erased: not held, never admitted
+                                    }
+                                    let bounds = user.bounds();
+                                    if diff > 0 {
+                                        user.held.extend(std::iter::repeat_n(e, diff as usize));
+                                    } else {
+                                        for _ in 0..diff.unsigned_abs() {
+                                            if let Some(i) = user.held.iter().position(|h| *h == e)
+                                            {
+                                                user.held.swap_remove(i);
+                                            }
+                                        }
+                                    }
+                                    if UserGate::admits(bounds, &e) {
+                                        changes.push((e, diff));
+                                    }
+                                }
+                            }
+                        }
+                        if !changes.is_empty() {
+                            let mut session = output.session(&cap);
+                            for (e, diff) in changes.drain(..) {
+                                session.give((e, time, diff));
+                            }
+                        }
+                    }
+                }
+            },
+        )
+        .as_collection()
+}
+
+/// Applies control record `c` to `user`: emits the admissions it withdraws and grants.
+fn control(user: &mut UserGate, c: Event, kinds: &ControlKinds, changes: &mut Vec<(Event, isize)>) {
+    let before = user.bounds();
+    if c.kind == kinds.erasure {
+        user.erased_to = Some(user.erased_to.map_or(c.ts, |t| t.max(c.ts)));
+    } else {
+        user.consents.insert((c.ts, c.value() > 0.0));
+    }
+    let after = user.bounds();
+    if before == after {
+        return;
+    }
+    for e in &user.held {
+        match (UserGate::admits(before, e), UserGate::admits(after, e)) {
+            (true, false) => changes.push((*e, -1)),
+            (false, true) => changes.push((*e, 1)),
+            _ => {}
+        }
+    }
+    if let Some(to) = user.erased_to {
+        user.held.retain(|e| e.ts > to);
+        user.held.shrink_to_fit();
+    }
+}

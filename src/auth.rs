@@ -1,0 +1,151 @@
+//! Bearer-token access control for the HTTP API.
+//!
+//! Two scopes: reads (GET) and admin (erasure). The admin token also passes reads. A scope
+//! with no token configured is open; `persona run` warns about it at start. Tokens are
+//! compared in constant time and never logged.
+
+use crate::config::HttpSettings;
+use hyper::header::HeaderValue;
+use hyper::Method;
+use subtle::ConstantTimeEq;
+
+/// What a route needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Health probes, the API description and the dashboard page (which holds no data).
+    Public,
+    Read,
+    Admin,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Authorization: Bearer` header (401).
+    Missing,
+    /// A token that matches neither configured token (401).
+    Invalid,
+    /// A read token on an admin route (403).
+    Forbidden,
+}
+
+/// The scope of a request, by method and path segments.
+pub fn scope(method: &Method, segments: &[&str]) -> Scope {
+    match (method, segments) {
+        (&Method::GET, ["healthz"] | ["readyz"] | ["openapi.json"] | [""]) => Scope::Public,
+        (&Method::GET | &Method::HEAD, _) => Scope::Read,
+        _ => Scope::Admin,
+    }
+}
+
+/// Checks the `Authorization` header against the tokens `scope` accepts.
+pub fn check(
+    http: &HttpSettings,
+    scope: Scope,
+    header: Option<&HeaderValue>,
+) -> Result<(), Refusal> {
+    let accepted: Vec<&str> = match scope {
+        Scope::Public => return Ok(()),
+        Scope::Read => match (&http.read_token, &http.admin_token) {
+            (None, _) => return Ok(()),
+            (Some(r), a) => std::iter::once(r.as_str()).chain(a.as_deref()).collect(),
+        },
+        Scope::Admin => match &http.admin_token {
+            None => return Ok(()),
+            Some(a) => vec![a.as_str()],
+        },
+    };
+    let presented = header
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| {
+            let (scheme, token) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .ok_or(Refusal::Missing)?;
+    if accepted
+        .iter()
+        .any(|t| bool::from(t.as_bytes().ct_eq(presented.as_bytes())))
+    {
+        return Ok(());
+    }
+    let reads = http.read_token.as_deref();
+    if scope == Scope::Admin
+        && reads.is_some_and(|r| bool::from(r.as_bytes().ct_eq(presented.as_bytes())))
+    {
+        return Err(Refusal::Forbidden);
+    }
+    Err(Refusal::Invalid)
+}
+
+/// The token a process sends with its own requests to the other processes of its cluster.
+pub fn internal_token(http: &HttpSettings) -> Option<&str> {
+    http.admin_token.as_deref().or(http.read_token.as_deref())
+}
+
+/// Start-up warnings for open scopes.
+pub fn warnings(http: &HttpSettings, listen: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if http.read_token.is_none() {
+        out.push(format!(
+            "http.read_token is not set: profiles and recommendations on {listen} are readable without a token"
+        ));
+    }
+    if http.admin_token.is_none() {
+        out.push(format!(
+            "http.admin_token is not set: anyone who reaches {listen} can erase users (DELETE /v1/users/{{id}})"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(read: Option<&str>, admin: Option<&str>) -> HttpSettings {
+        HttpSettings {
+            read_token: read.map(String::from),
+            admin_token: admin.map(String::from),
+            max_uri_bytes: 2048,
+            max_headers: 64,
+            header_timeout_ms: 10_000,
+        }
+    }
+
+    fn bearer(t: &str) -> HeaderValue {
+        HeaderValue::from_str(&format!("Bearer {t}")).unwrap()
+    }
+
+    #[test]
+    fn scopes_and_tokens() {
+        let both = http(Some("r"), Some("a"));
+        let read = scope(&Method::GET, &["v1", "users", "u"]);
+        let admin = scope(&Method::DELETE, &["v1", "users", "u"]);
+        assert_eq!((read, admin), (Scope::Read, Scope::Admin));
+        assert_eq!(scope(&Method::GET, &["healthz"]), Scope::Public);
+        assert_eq!(check(&both, Scope::Public, None), Ok(()));
+        assert_eq!(check(&both, read, None), Err(Refusal::Missing));
+        assert_eq!(check(&both, read, Some(&bearer("r"))), Ok(()));
+        assert_eq!(check(&both, read, Some(&bearer("a"))), Ok(()));
+        assert_eq!(
+            check(&both, read, Some(&bearer("x"))),
+            Err(Refusal::Invalid)
+        );
+        assert_eq!(
+            check(&both, admin, Some(&bearer("r"))),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(check(&both, admin, Some(&bearer("a"))), Ok(()));
+        let basic = HeaderValue::from_static("Basic YTpi");
+        assert_eq!(check(&both, read, Some(&basic)), Err(Refusal::Missing));
+        // No token: that scope is open; the other stays closed.
+        let reads_open = http(None, Some("a"));
+        assert_eq!(check(&reads_open, read, None), Ok(()));
+        assert_eq!(check(&reads_open, admin, None), Err(Refusal::Missing));
+        let admin_open = http(Some("r"), None);
+        assert_eq!(check(&admin_open, admin, None), Ok(()));
+        assert_eq!(check(&admin_open, read, None), Err(Refusal::Missing));
+        assert_eq!(warnings(&http(None, None), "x").len(), 2);
+        assert!(warnings(&both, "x").is_empty());
+    }
+}

@@ -1,0 +1,222 @@
+//! Access control, erasure and consent, as a user meets them: `persona run` (the real binary)
+//! on a followed log, tokens from the environment, HTTP over real sockets, and a restart that
+//! re-reads the whole log.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+use support::process::{spawn_listening, Process};
+
+const READ: &str = "read-token-1e10";
+const ADMIN: &str = "admin-Token_42";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn event(id: &str, user: &str, kind: &str, ts: u64, item: Option<&str>) -> String {
+    let mut v = json!({"event_id": id, "user_id": user, "type": kind, "ts": ts,
+        "context": {"ip": "203.0.113.9"}});
+    if let Some(i) = item {
+        v["item_id"] = i.into();
+    }
+    v.to_string()
+}
+
+fn consent(id: &str, user: &str, ts: u64, granted: bool) -> String {
+    json!({"event_id": id, "user_id": user, "type": "consent", "ts": ts,
+        "properties": {"personalization": granted}})
+    .to_string()
+}
+
+fn append(path: &Path, lines: &[String]) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+}
+
+/// `persona run` in `dir` on `dir/events.jsonl`, tokens from the environment.
+fn start(dir: &Path) -> Process {
+    let config = dir.join("persona.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[engine]\nworkers = 2\nerasure_log = {:?}\n\n[source]\npath = {:?}\ncatalog_path = \"\"\nfollow = true\ndead_letter_path = {:?}\n\n[triggers]\nsink = \"none\"\n\n[http]\nlisten = \"127.0.0.1:0\"\nmax_uri_bytes = 512\n",
+            dir.join("erasures.jsonl").display().to_string(),
+            dir.join("events.jsonl").display().to_string(),
+            dir.join("dead.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_persona"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("PERSONA_HTTP_READ_TOKEN", READ)
+        .env("PERSONA_HTTP_ADMIN_TOKEN", ADMIN);
+    let p = spawn_listening(cmd);
+    p.wait_for(30, "readiness", |p| p.get("/readyz").0 == 200);
+    p
+}
+
+/// The profile of `user` once the engine has taken in everything up to `as_of` (status, body).
+fn profile(p: &Process, user: &str, as_of: u64) -> (u16, Value) {
+    let (status, body, _) = p.call(
+        "GET",
+        &format!("/v1/users/{user}?min_as_of_ms={as_of}&timeout_ms=20000"),
+        Some(READ),
+    );
+    (status, body)
+}
+
+#[test]
+fn tokens_guard_reads_and_erasure() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = now_ms() - 60_000;
+    append(
+        &dir.path().join("events.jsonl"),
+        &[event("e1", "u1", "click", t, None)],
+    );
+    let mut p = start(dir.path());
+
+    // Reads: no token or a wrong one is 401 with a JSON error; either token passes.
+    let (status, body, _) = p.call("GET", "/v1/users/u1", None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+    assert_eq!(p.call("GET", "/v1/users/u1", Some("nope")).0, 401);
+    assert_eq!(p.call("GET", "/v1/status", None).0, 401);
+    assert_eq!(p.call("GET", "/metrics", None).0, 401);
+    assert_eq!(profile(&p, "u1", t).0, 200);
+    assert_eq!(p.call("GET", "/v1/users/u1", Some(ADMIN)).0, 200);
+    // Probes and the API description stay open.
+    assert_eq!(p.get("/healthz").0, 200);
+    let (status, spec, _) = p.get("/openapi.json");
+    assert_eq!(status, 200);
+    assert!(
+        spec["openapi"].as_str().unwrap().starts_with("3."),
+        "{spec}"
+    );
+    assert!(spec["paths"]["/v1/users/{user_id}"]["delete"].is_object());
+    // Erasure needs the admin token: the read token is 403.
+    let (status, body, _) = p.call("DELETE", "/v1/users/u1", Some(READ));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    assert_eq!(p.call("DELETE", "/v1/users/u1", None).0, 401);
+    assert_eq!(
+        profile(&p, "u1", t).0,
+        200,
+        "a refused erasure erases nothing"
+    );
+    // Request limits.
+    let long = format!("/v1/users/{}", "x".repeat(600));
+    assert_eq!(p.call("GET", &long, Some(READ)).0, 414);
+
+    let text = ureq::get(&format!("{}/metrics", p.base))
+        .set("Authorization", &format!("Bearer {READ}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        text.contains("persona_requests_refused_total{reason=\"forbidden\"} 1"),
+        "{text}"
+    );
+    p.stop();
+    assert!(
+        !p.log_contains(READ) && !p.log_contains(ADMIN),
+        "tokens are never logged"
+    );
+    assert!(p.log_contains("***"), "the printed config masks the tokens");
+}
+
+#[test]
+fn an_erased_user_stays_gone_after_a_restart_and_consent_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let t = now_ms() - 600_000;
+    append(
+        &events,
+        &[
+            event("e1", "u1", "product_view", t, Some("i1")),
+            event("e2", "u1", "purchase", t + 1_000, Some("i2")),
+            event("e3", "u2", "product_view", t + 2_000, Some("i1")),
+            event("e4", "u3", "click", t + 3_000, None),
+            consent("c1", "u3", t + 4_000, false),
+            event("e5", "u3", "click", t + 5_000, None),
+        ],
+    );
+    let mut p = start(dir.path());
+    assert_eq!(profile(&p, "u1", t + 5_000).1["event_count"], 2);
+    // u3 revoked consent: their profile is cleared and later events are not profiled.
+    assert_eq!(profile(&p, "u3", t + 5_000).0, 404);
+
+    let (status, body, _) = p.call("DELETE", "/v1/users/u1", Some(ADMIN));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["erased"], true);
+    let through = body["erased_through_ms"].as_u64().unwrap();
+    assert!(through >= t + 1_000, "{body}");
+    // Answered once every view has taken it in: the profile is gone at once.
+    assert_eq!(p.call("GET", "/v1/users/u1", Some(READ)).0, 404);
+    let (_, u2) = profile(&p, "u2", 0);
+    assert_eq!(u2["event_count"], 1, "other users are untouched");
+    // A redelivered event of the erased past stays erased; u3 grants consent again.
+    let now = now_ms();
+    append(
+        &events,
+        &[
+            event("e1", "u1", "product_view", t, Some("i1")),
+            consent("c2", "u3", now, true),
+            event("e6", "u3", "page_view", now + 1, None),
+            event("e7", "u2", "click", now + 2, None),
+        ],
+    );
+    assert_eq!(profile(&p, "u2", now + 2).1["event_count"], 2);
+    assert_eq!(p.call("GET", "/v1/users/u1", Some(READ)).0, 404);
+    let (_, u3) = profile(&p, "u3", now + 2);
+    assert_eq!(
+        (u3["event_count"].as_u64(), u3["counts"].clone()),
+        (Some(1), json!({"page_view": 1})),
+        "only events after the grant count"
+    );
+    p.stop();
+
+    // The erasure log holds a hash, not the id; the raw IP is stored nowhere.
+    let log = std::fs::read_to_string(dir.path().join("erasures.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 1);
+    assert!(!log.contains("u1"), "{log}");
+
+    // A restart re-reads the whole log: u1 must not come back.
+    let p = start(dir.path());
+    assert_eq!(profile(&p, "u2", now + 2).1["event_count"], 2);
+    assert_eq!(p.call("GET", "/v1/users/u1", Some(READ)).0, 404);
+    assert_eq!(profile(&p, "u3", now + 2).1["event_count"], 1);
+    let (_, similar, _) = p.call("GET", "/v1/items/i1/similar", Some(READ));
+    assert!(
+        similar["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["item_id"] != "i2"),
+        "u1's i1–i2 co-occurrence is gone: {similar}"
+    );
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap_or_default();
+    assert!(dead.is_empty(), "{dead}");
+    let _ = PathBuf::new();
+}
