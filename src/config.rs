@@ -379,8 +379,17 @@ impl Config {
                 "embedded config/default.toml".to_string(),
             ),
         };
+        Config::parse(&text, &origin, env)
+    }
+
+    /// Parses config `text` (from `origin`, for messages) with `PERSONA_*` overrides from `env`.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
         let mut table: toml::Table =
-            toml::from_str(&text).with_context(|| format!("invalid TOML in {origin}"))?;
+            toml::from_str(text).with_context(|| format!("invalid TOML in {origin}"))?;
         apply_env(&mut table, env)?;
         let config: Config = toml::Value::Table(table).try_into().with_context(|| {
             format!("invalid configuration ({origin} with PERSONA_* overrides)")

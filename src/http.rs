@@ -27,7 +27,7 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 
 /// A whole body, or a stream of server-sent events.
 pub type Body = Either<Full<Bytes>, crate::stream::SseBody>;
-type Reply = Response<Body>;
+pub type Reply = Response<Body>;
 
 /// The OpenAPI 3 description of this API.
 pub const OPENAPI: &str = include_str!("../docs/openapi.json");
@@ -115,6 +115,57 @@ pub async fn serve(
     }
 }
 
+/// What a request asks for, by method and path segments (ids still percent-encoded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    Dashboard,
+    Stream(&'a str),
+    Segments,
+    Profile(&'a str),
+    Erase(&'a str),
+    OpenApi,
+    Recommendations(&'a str),
+    Similar(&'a str),
+    Status,
+    Healthz,
+    Readyz,
+    Metrics,
+    /// A known path with another method (405).
+    NotAllowed,
+    NotFound,
+}
+
+/// The route table.
+pub fn route_of<'a>(method: &Method, segments: &[&'a str]) -> Route<'a> {
+    let get = method == Method::GET;
+    match segments {
+        [""] if get => Route::Dashboard,
+        ["v1", "users", user, "stream"] if get => Route::Stream(user),
+        ["v1", "segments"] if get => Route::Segments,
+        ["v1", "users", user] if get => Route::Profile(user),
+        ["v1", "users", user] if method == Method::DELETE => Route::Erase(user),
+        ["openapi.json"] if get => Route::OpenApi,
+        ["v1", "users", user, "recommendations"] if get => Route::Recommendations(user),
+        ["v1", "items", item, "similar"] if get => Route::Similar(item),
+        ["v1", "status"] if get => Route::Status,
+        ["healthz"] if get => Route::Healthz,
+        ["readyz"] if get => Route::Readyz,
+        ["metrics"] if get => Route::Metrics,
+        ["v1", "users", _]
+        | [""]
+        | ["v1", "users", _, "stream"]
+        | ["v1", "segments"]
+        | ["v1", "users", _, "recommendations"]
+        | ["v1", "items", _, "similar"]
+        | ["v1", "status"]
+        | ["healthz"]
+        | ["readyz"]
+        | ["metrics"]
+        | ["openapi.json"] => Route::NotAllowed,
+        _ => Route::NotFound,
+    }
+}
+
 async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
     let started = Instant::now();
     let path = req.uri().path().to_string();
@@ -144,41 +195,28 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
             }
         }
     }
-    let (label, mut reply) = match (req.method(), segments.as_slice()) {
-        (&Method::GET, [""]) => ("dashboard", dashboard()),
-        (&Method::GET, ["v1", "users", user, "stream"]) => ("stream", stream(shared, user)),
-        (&Method::GET, ["v1", "segments"]) => ("segments", segment_list(shared, forwarded).await),
-        (&Method::GET, ["v1", "users", user]) => {
-            ("profile", profile(shared, user, req.uri().query()).await)
-        }
-        (&Method::DELETE, ["v1", "users", user]) => ("erase", erase(shared, user).await),
-        (&Method::GET, ["openapi.json"]) => ("openapi", openapi(shared)),
-        (&Method::GET, ["v1", "users", user, "recommendations"]) => (
+    let query = req.uri().query();
+    let (label, mut reply) = match route_of(req.method(), &segments) {
+        Route::Dashboard => ("dashboard", dashboard()),
+        Route::Stream(user) => ("stream", stream(shared, user)),
+        Route::Segments => ("segments", segment_list(shared, forwarded).await),
+        Route::Profile(user) => ("profile", profile(shared, user, query).await),
+        Route::Erase(user) => ("erase", erase(shared, user).await),
+        Route::OpenApi => ("openapi", openapi(shared)),
+        Route::Recommendations(user) => (
             "recommendations",
-            recommendations(shared, user, req.uri().query()).await,
+            recommendations(shared, user, query).await,
         ),
-        (&Method::GET, ["v1", "items", item, "similar"]) => {
-            ("similar", similar(shared, item, req.uri().query()).await)
-        }
-        (&Method::GET, ["v1", "status"]) => ("status", status(shared, forwarded).await),
-        (&Method::GET, ["healthz"]) => (
+        Route::Similar(item) => ("similar", similar(shared, item, query).await),
+        Route::Status => ("status", status(shared, forwarded).await),
+        Route::Healthz => (
             "healthz",
             json_reply(StatusCode::OK, &json!({"status": "ok"})),
         ),
-        (&Method::GET, ["readyz"]) => ("readyz", readyz(shared)),
-        (&Method::GET, ["metrics"]) => ("metrics", metrics(shared)),
-        (_, ["v1", "users", _])
-        | (_, [""])
-        | (_, ["v1", "users", _, "stream"])
-        | (_, ["v1", "segments"])
-        | (_, ["v1", "users", _, "recommendations"])
-        | (_, ["v1", "items", _, "similar"])
-        | (_, ["v1", "status"])
-        | (_, ["healthz"])
-        | (_, ["readyz"])
-        | (_, ["metrics"])
-        | (_, ["openapi.json"]) => ("other", not_allowed(req.method(), &path, &segments)),
-        _ => (
+        Route::Readyz => ("readyz", readyz(shared)),
+        Route::Metrics => ("metrics", metrics(shared)),
+        Route::NotAllowed => ("other", not_allowed(req.method(), &path, &segments)),
+        Route::NotFound => (
             "other",
             error(
                 StatusCode::NOT_FOUND,
@@ -242,13 +280,13 @@ async fn forward(
     }
 }
 
-fn param(query: Option<&str>, name: &str) -> Option<String> {
+pub fn param(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
 }
 
-fn number_param(query: Option<&str>, name: &str) -> Result<Option<u64>, Box<Reply>> {
+pub fn number_param(query: Option<&str>, name: &str) -> Result<Option<u64>, Box<Reply>> {
     match param(query, name) {
         None => Ok(None),
         Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
@@ -262,7 +300,7 @@ fn number_param(query: Option<&str>, name: &str) -> Result<Option<u64>, Box<Repl
 }
 
 /// A percent-decoded user or item id, checked against SPEC §2's length rule.
-fn path_id(raw: &str, what: &str) -> Result<String, Box<Reply>> {
+pub fn path_id(raw: &str, what: &str) -> Result<String, Box<Reply>> {
     let id = match percent_encoding::percent_decode_str(raw).decode_utf8() {
         Ok(u) => u.into_owned(),
         Err(_) => {
@@ -287,7 +325,7 @@ fn path_id(raw: &str, what: &str) -> Result<String, Box<Reply>> {
 pub const MAX_LIMIT: u64 = 100;
 const DEFAULT_LIMIT: u64 = 10;
 
-fn limit_param(query: Option<&str>) -> Result<usize, Box<Reply>> {
+pub fn limit_param(query: Option<&str>) -> Result<usize, Box<Reply>> {
     match number_param(query, "limit")? {
         None => Ok(DEFAULT_LIMIT as usize),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n as usize),

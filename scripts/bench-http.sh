@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# HTTP load benchmark: wrk (Debian package) sends GET /v1/users/{id} for random known users, with
+# the read token, to `persona run` while it ingests a followed log at INGEST events/s. Prints
+# wrk's requests/s and latency percentiles, then the ingest rate the engine kept up with.
+#
+#   scripts/bench-http.sh                       30k users, 300k events of history, 15 s of load
+#   DURATION=30s CONNECTIONS=64 THREADS=1 INGEST=5000 WORKERS=2 scripts/bench-http.sh
+#   RATE=20000 scripts/bench-http.sh            fixed offered load (needs wrk2; plain wrk
+#                                               runs closed-loop, as fast as answers come)
+#
+# Everything runs on this machine (2 cores): wrk, the engine's workers, its HTTP thread and
+# the log writer share them, so the figures are a floor for a dedicated server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+USERS=${USERS:-30000}
+EVENTS=${EVENTS:-300000}
+DURATION=${DURATION:-15s}
+CONNECTIONS=${CONNECTIONS:-32}
+THREADS=${THREADS:-1}
+INGEST=${INGEST:-2000}
+WORKERS=${WORKERS:-2}
+DIR=target/bench/http
+mkdir -p "$DIR"
+
+if ! command -v wrk >/dev/null; then
+  sudo_cmd=""; [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq wrk
+fi
+cargo build --release --quiet
+BIN=target/release/persona
+now=$(date +%s%3N)
+# History: the last two days; live events: stamped from now on, one file appended gradually.
+"$BIN" generate --out "$DIR/history.jsonl" --catalog "$DIR/catalog.jsonl" --events "$EVENTS" \
+  --users "$USERS" --span 2d --start-ms $((now - 2 * 86400000)) --invalid 0 >/dev/null
+"$BIN" generate --out "$DIR/live-src.jsonl" --events $((INGEST * 120)) --users "$USERS" \
+  --span 120s --start-ms "$now" --invalid 0 --late 0 --seed 11 >/dev/null
+cp "$DIR/history.jsonl" "$DIR/events.jsonl"
+
+token=bench-$RANDOM$RANDOM
+PERSONA_ENGINE_WORKERS=$WORKERS PERSONA_HTTP_LISTEN=127.0.0.1:0 PERSONA_HTTP_READ_TOKEN=$token \
+  PERSONA_SOURCE_PATH="$DIR/events.jsonl" PERSONA_SOURCE_CATALOG_PATH="$DIR/catalog.jsonl" \
+  PERSONA_SOURCE_DEAD_LETTER_PATH="$DIR/dead.jsonl" PERSONA_TRIGGERS_SINK=none \
+  PERSONA_ENGINE_ERASURE_LOG="$DIR/erasures.jsonl" RUST_LOG=warn,persona=info \
+  "$BIN" run 2>"$DIR/persona.log" &
+pid=$!
+writer=
+cleanup() {
+  [[ -n "$writer" ]] && kill "$writer" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+trap cleanup EXIT
+base=""
+for _ in $(seq 1 600); do
+  base=$(grep -o 'listening on http://[0-9.:]*' "$DIR/persona.log" | head -1 | sed 's/listening on //' || true)
+  [[ -n "$base" ]] && curl -sf "$base/readyz" >/dev/null && break
+  kill -0 "$pid" 2>/dev/null || { cat "$DIR/persona.log"; exit 1; }
+  sleep 0.1
+done
+echo "persona ($WORKERS workers) ready at $base with $EVENTS events of $USERS users"
+
+# Ingest: append INGEST lines a second, in tenths of a second.
+python3 - "$DIR/live-src.jsonl" "$DIR/events.jsonl" "$INGEST" <<'PY' &
+import sys, time
+src, dst, rate = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lines = open(src).readlines()
+step = max(1, rate // 10)
+with open(dst, "a") as out:
+    start = time.time()
+    for i in range(0, len(lines), step):
+        out.writelines(lines[i:i + step]); out.flush()
+        time.sleep(max(0.0, start + (i // step + 1) / 10 - time.time()))
+PY
+writer=$!
+sleep 1
+cat > "$DIR/users.lua" <<LUA
+local users = $USERS
+wrk.headers["Authorization"] = "Bearer $token"
+request = function()
+  return wrk.format("GET", "/v1/users/u" .. math.random(0, users - 1))
+end
+LUA
+before=$(curl -s -H "Authorization: Bearer $token" "$base/metrics" | awk '/^persona_events_in_total/ {print $2}')
+start=$(date +%s.%N)
+if [[ -n "${RATE:-}" ]] && command -v wrk2 >/dev/null; then
+  wrk2 -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -R"$RATE" --latency -s "$DIR/users.lua" "$base"
+else
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$DIR/users.lua" "$base"
+fi | tee "$DIR/wrk.out"
+end=$(date +%s.%N)
+after=$(curl -s -H "Authorization: Bearer $token" "$base/metrics" | awk '/^persona_events_in_total/ {print $2}')
+python3 -c "print(f'ingested during the run: {($after - $before) / ($end - $start):.0f} events/s (offered {$INGEST})')"
+status=$(curl -s -H "Authorization: Bearer $token" "$base/v1/users/u1" -o /dev/null -w '%{http_code}')
+echo "a profile after the run: HTTP $status"

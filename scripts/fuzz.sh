@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Fuzzes event parsing, config parsing and the HTTP router's input handling with cargo-fuzz
+# (libFuzzer + AddressSanitizer). Exits non-zero on a finding; the crashing input is kept under
+# fuzz/artifacts/TARGET/ (replay it: cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...).
+#
+#   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60; CI runs 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-60}"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked --version 0.13.2
+fi
+# libFuzzer's instrumentation needs nightly flags: a nightly toolchain if there is one, else
+# the installed one with RUSTC_BOOTSTRAP (the same compiler features, unlocked).
+toolchain=()
+if rustup run nightly rustc --version >/dev/null 2>&1; then
+  toolchain=(+nightly)
+else
+  export RUSTC_BOOTSTRAP=1
+fi
+targets=(parse_event config router)
+cd fuzz
+cargo "${toolchain[@]}" fuzz build -O --target-dir ../target/fuzz 2>&1 | tail -1
+log=$(mktemp)
+for t in "${targets[@]}"; do
+  echo "== fuzz $t for ${seconds}s"
+  if ! cargo "${toolchain[@]}" fuzz run -O --target-dir ../target/fuzz "$t" -- \
+    -max_total_time="$seconds" -rss_limit_mb=4096 >"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "fuzz target $t found an input that fails (kept under fuzz/artifacts/$t)" >&2
+    exit 1
+  fi
+  grep -E "^Done" "$log" || true
+done
+rm -f "$log"
+echo "fuzzing: no findings"
