@@ -62,24 +62,33 @@ pub fn check(
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
         .ok_or(Refusal::Missing)?;
-    if accepted
-        .iter()
-        .any(|t| bool::from(t.as_bytes().ct_eq(presented.as_bytes())))
-    {
+    // Every configured token is compared, each in constant time over fixed-length digests:
+    // neither the answer's timing nor a length mismatch tells how close a guess was.
+    let matches = accepted.iter().fold(0u8, |m, t| m | same(t, presented));
+    if matches == 1 {
         return Ok(());
     }
     let reads = http.read_token.as_deref();
-    if scope == Scope::Admin
-        && reads.is_some_and(|r| bool::from(r.as_bytes().ct_eq(presented.as_bytes())))
-    {
+    if scope == Scope::Admin && reads.is_some_and(|r| same(r, presented) == 1) {
         return Err(Refusal::Forbidden);
     }
     Err(Refusal::Invalid)
 }
 
-/// The token a process sends with its own requests to the other processes of its cluster.
-pub fn internal_token(http: &HttpSettings) -> Option<&str> {
-    http.admin_token.as_deref().or(http.read_token.as_deref())
+/// 1 if `a == b`, else 0, in time independent of where they differ and of their lengths.
+fn same(a: &str, b: &str) -> u8 {
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    digest(a).as_ref().ct_eq(digest(b).as_ref()).unwrap_u8()
+}
+
+/// The token a process sends with its own `method` requests to the other processes of its
+/// cluster: the admin token only where a read token would not pass.
+pub fn internal_token<'a>(http: &'a HttpSettings, method: &Method) -> Option<&'a str> {
+    if method == Method::GET {
+        http.read_token.as_deref().or(http.admin_token.as_deref())
+    } else {
+        http.admin_token.as_deref().or(http.read_token.as_deref())
+    }
 }
 
 /// Start-up warnings for open scopes.
@@ -109,6 +118,7 @@ mod tests {
             max_uri_bytes: 2048,
             max_headers: 64,
             header_timeout_ms: 10_000,
+            tls: None,
         }
     }
 
@@ -146,6 +156,14 @@ mod tests {
         assert_eq!(check(&admin_open, admin, None), Ok(()));
         assert_eq!(check(&admin_open, read, None), Err(Refusal::Missing));
         assert_eq!(warnings(&http(None, None), "x").len(), 2);
+        // Between processes: the read token for reads, the admin token only for the rest.
+        assert_eq!(internal_token(&both, &Method::GET), Some("r"));
+        assert_eq!(internal_token(&both, &Method::DELETE), Some("a"));
+        assert_eq!(internal_token(&admin_open, &Method::DELETE), Some("r"));
+        assert_eq!(
+            (same("tok", "tok"), same("tok", "tok2"), same("", "x")),
+            (1, 0, 0)
+        );
         assert!(warnings(&both, "x").is_empty());
     }
 }

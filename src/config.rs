@@ -320,8 +320,11 @@ pub struct HttpConfig {
     pub max_uri_bytes: usize,
     /// Requests with more header fields than this are refused.
     pub max_headers: usize,
-    /// A client must send its whole request head within this.
+    /// A client must send its whole request head (and finish a TLS handshake) within this.
     pub header_timeout: String,
+    /// PEM certificate chain and private key: both set serves HTTPS instead of HTTP.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
 }
 
 impl Default for HttpConfig {
@@ -333,6 +336,8 @@ impl Default for HttpConfig {
             max_uri_bytes: 2048,
             max_headers: 64,
             header_timeout: "10s".into(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
         }
     }
 }
@@ -345,6 +350,8 @@ pub struct HttpSettings {
     pub max_uri_bytes: usize,
     pub max_headers: usize,
     pub header_timeout_ms: u64,
+    /// (certificate chain, private key) PEM files, when HTTPS is on.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// `[cluster]`: the processes of a multi-process cluster (timely's own cluster mode). Empty
@@ -747,6 +754,16 @@ fn http_settings(h: &HttpConfig) -> Result<HttpSettings> {
         max_uri_bytes: h.max_uri_bytes,
         max_headers: h.max_headers,
         header_timeout_ms: duration_ms("http.header_timeout", &h.header_timeout)?.max(1),
+        tls: match (
+            h.tls_cert.as_os_str().is_empty(),
+            h.tls_key.as_os_str().is_empty(),
+        ) {
+            (true, true) => None,
+            (false, false) => Some((h.tls_cert.clone(), h.tls_key.clone())),
+            _ => {
+                bail!("http.tls_cert and http.tls_key go together: set both for HTTPS, or neither")
+            }
+        },
     })
 }
 
@@ -912,6 +929,9 @@ impl Settings {
         self.source.dead_letter_path = per_process(&self.source.dead_letter_path, process);
         self.triggers.path = per_process(&self.triggers.path, process);
         self.erasure_log = per_process(&self.erasure_log, process);
+        if self.http.tls.is_some() {
+            bail!("http.tls_cert: the processes of a cluster forward requests to each other over plain HTTP; terminate TLS in front of each process instead");
+        }
         self.cluster = Some(Cluster {
             process,
             addresses: config.addresses.clone(),

@@ -169,7 +169,7 @@ impl Shared {
     /// Reads the erasure log, whose records the workers apply before any event; returns how
     /// many there are.
     pub fn load_erasures(&self) -> Result<usize> {
-        let records = crate::erasure::load(self.erasures.path())?;
+        let records = crate::erasure::load_family(self.erasures.path())?;
         let n = records.len();
         *self.erased.lock().unwrap_or_else(|p| p.into_inner()) = records;
         Ok(n)

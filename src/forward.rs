@@ -14,17 +14,6 @@ use std::time::Duration;
 /// Marks a request one process sent to another.
 pub const FORWARDED: &str = "x-persona-forwarded";
 
-/// GETs `path_and_query` from the process at `address` (from process `from`), within `timeout`.
-pub async fn get(
-    address: &str,
-    path_and_query: &str,
-    from: usize,
-    token: Option<&str>,
-    timeout: Duration,
-) -> Result<Response<Full<Bytes>>, String> {
-    send(Method::GET, address, path_and_query, from, token, timeout).await
-}
-
 /// Sends a bodiless `method` request to the process at `address`, with the cluster's own
 /// bearer `token` (the caller has checked the client's).
 pub async fn send(

@@ -73,10 +73,11 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
     )
 }
 
-/// Serves `listener` until `shutdown` resolves.
+/// Serves `listener` until `shutdown` resolves; over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -93,25 +94,42 @@ pub async fn serve(
                     }
                 };
                 let shared = shared.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let for_conn = shared.clone();
-                    let service = service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(route(req, &shared).await) }
-                    });
-                    let limits = &for_conn.settings.http;
-                    let conn = http1::Builder::new()
-                        .max_buf_size(64 * 1024)
-                        .max_headers(limits.max_headers)
-                        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .serve_connection(TokioIo::new(stream), service);
-                    if let Err(e) = conn.await {
-                        tracing::debug!("connection ended: {e}");
+                    let Some(acceptor) = tls else {
+                        return connection(TokioIo::new(stream), shared).await;
+                    };
+                    // A client that never finishes its handshake is a slow client too.
+                    let limit = Duration::from_millis(shared.settings.http.header_timeout_ms);
+                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => connection(TokioIo::new(tls_stream), shared).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 });
             }
         }
+    }
+}
+
+/// Serves one connection, within the configured request limits.
+async fn connection<I>(io: I, shared: Arc<Shared>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let limits = shared.settings.http.clone();
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route(req, &shared).await) }
+    });
+    let conn = http1::Builder::new()
+        .max_buf_size(64 * 1024)
+        .max_headers(limits.max_headers)
+        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(io, service);
+    if let Err(e) = conn.await {
+        tracing::debug!("connection ended: {e}");
     }
 }
 
@@ -239,6 +257,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
 fn routing_key(method: &Method, segments: &[&str]) -> Option<(&'static str, u64)> {
     let (label, id, what) = match segments {
         ["v1", "users", user] if method == Method::DELETE => ("erase", user, "user"),
+        _ if method != Method::GET => return None,
         ["v1", "users", user] => ("profile", user, "user"),
         ["v1", "users", user, "recommendations"] => ("recommendations", user, "user"),
         ["v1", "items", item, "similar"] => ("similar", item, "item"),
@@ -260,15 +279,19 @@ async fn forward(
     let Some(cluster) = shared.settings.cluster.as_ref() else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no cluster");
     };
-    // The owner may wait up to timeout_ms for min_as_of_ms; give it that and a margin.
-    let wait = number_param(query, "timeout_ms")
-        .ok()
-        .flatten()
-        .unwrap_or(DEFAULT_TIMEOUT_MS)
-        .min(MAX_TIMEOUT_MS);
+    // The owner may wait up to timeout_ms for min_as_of_ms (an erasure: up to the maximum);
+    // give it that and a margin.
+    let wait = match method {
+        Method::DELETE => MAX_TIMEOUT_MS,
+        _ => number_param(query, "timeout_ms")
+            .ok()
+            .flatten()
+            .unwrap_or(DEFAULT_TIMEOUT_MS)
+            .min(MAX_TIMEOUT_MS),
+    };
     let timeout = Duration::from_millis(wait + 2_000);
     let address = &cluster.http[process];
-    let token = crate::auth::internal_token(&shared.settings.http);
+    let token = crate::auth::internal_token(&shared.settings.http, &method);
     let sent = crate::forward::send(method, address, target, cluster.process, token, timeout);
     match sent.await {
         Ok(reply) => reply.map(Either::Left),
@@ -692,7 +715,7 @@ fn stream(shared: &Arc<Shared>, raw_user: &str) -> Reply {
 /// complete time; in a cluster, summed over the processes (each asked for its own).
 async fn segment_list(shared: &Arc<Shared>, local: bool) -> Reply {
     let timeout = Duration::from_millis(DEFAULT_TIMEOUT_MS);
-    let token = crate::auth::internal_token(&shared.settings.http);
+    let token = crate::auth::internal_token(&shared.settings.http, &Method::GET);
     let mut counts = vec![0u64; shared.settings.segments.len()];
     let mut as_of: Option<u64> = None;
     for answer in shared.router.ask_all(Ask::SegmentCounts, timeout).await {
@@ -711,8 +734,15 @@ async fn segment_list(shared: &Arc<Shared>, local: bool) -> Reply {
         let others = (0..cluster.processes()).filter(|p| *p != cluster.process);
         for p in others {
             let address = &cluster.http[p];
-            let reply =
-                crate::forward::get(address, "/v1/segments", cluster.process, token, timeout).await;
+            let reply = crate::forward::send(
+                Method::GET,
+                address,
+                "/v1/segments",
+                cluster.process,
+                token,
+                timeout,
+            )
+            .await;
             let body = match reply {
                 Ok(r) if r.status() == StatusCode::OK => {
                     use http_body_util::BodyExt;
@@ -782,11 +812,12 @@ async fn status(shared: &Arc<Shared>, local: bool) -> Reply {
     let asks = (0..cluster.processes())
         .filter(|p| *p != cluster.process)
         .map(|p| async move {
-            let answer = crate::forward::get(
+            let answer = crate::forward::send(
+                Method::GET,
                 &cluster.http[p],
                 "/v1/status",
                 cluster.process,
-                crate::auth::internal_token(&shared.settings.http),
+                crate::auth::internal_token(&shared.settings.http, &Method::GET),
                 Duration::from_secs(2),
             )
             .await;

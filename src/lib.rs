@@ -30,4 +30,5 @@ pub mod server;
 pub mod sink;
 pub mod source;
 pub mod stream;
+pub mod tls;
 pub mod validate;

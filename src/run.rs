@@ -54,7 +54,8 @@ pub fn command(settings: Settings) -> Result<()> {
         segments = shared.settings.segments.len(),
         triggers = shared.live.describe(),
         erasures = erased,
-        "persona listening on http://{}",
+        "persona listening on {}://{}",
+        server.scheme,
         server.addr
     );
     let guards = engine::start(shared.clone(), Mode::Run, None)?;

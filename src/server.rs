@@ -9,6 +9,8 @@ use std::time::Duration;
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// "https" with TLS, else "http".
+    pub scheme: &'static str,
     thread: JoinHandle<()>,
 }
 
@@ -20,6 +22,11 @@ impl Server {
             format!("cannot listen on {listen} (http.listen / PERSONA_HTTP_LISTEN)")
         })?;
         std_listener.set_nonblocking(true)?;
+        let tls = match &shared.settings.http.tls {
+            Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let addr = std_listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -62,10 +69,14 @@ impl Server {
                             }
                         }
                     };
-                    crate::http::serve(listener, shared, shutdown).await;
+                    crate::http::serve(listener, shared, tls, shutdown).await;
                 })
             })?;
-        Ok(Server { addr, thread })
+        Ok(Server {
+            addr,
+            scheme,
+            thread,
+        })
     }
 
     pub fn join(self) {

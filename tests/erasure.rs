@@ -1,6 +1,6 @@
-//! Access control, erasure and consent, as a user meets them: `persona run` (the real binary)
-//! on a followed log, tokens from the environment, HTTP over real sockets, and a restart that
-//! re-reads the whole log.
+//! Access control, TLS, erasure and consent, as a user meets them: `persona run` (the real
+//! binary) on a followed log, tokens from the environment, HTTP(S) over real sockets, and a
+//! restart that re-reads the whole log.
 
 mod support;
 
@@ -219,4 +219,107 @@ fn an_erased_user_stays_gone_after_a_restart_and_consent_is_honoured() {
     let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap_or_default();
     assert!(dead.is_empty(), "{dead}");
     let _ = PathBuf::new();
+}
+
+/// `curl` with the test's CA: (HTTP status, body); status 0 when no HTTP answer came.
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn https_when_a_certificate_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    append(
+        &dir.path().join("events.jsonl"),
+        &[event("e1", "u1", "click", now_ms() - 1_000, None)],
+    );
+    let config = dir.path().join("persona.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[engine]\nerasure_log = \"\"\n\n[source]\npath = {:?}\ncatalog_path = \"\"\ndead_letter_path = {:?}\n\n[triggers]\nsink = \"none\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("events.jsonl").display().to_string(),
+            dir.path().join("dead.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_persona"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("PERSONA_HTTP_TLS_CERT", &cert)
+        .env("PERSONA_HTTP_TLS_KEY", &key)
+        .env("PERSONA_HTTP_READ_TOKEN", READ);
+    let p = spawn_listening(cmd);
+    assert!(p.base.starts_with("https://127.0.0.1:"), "{}", p.base);
+    let cacert = cert.display().to_string();
+    let auth = format!("Authorization: Bearer {READ}");
+    let url = format!("{}/v1/users/u1?min_as_of_ms=0&timeout_ms=20000", p.base);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (status, body) = loop {
+        let got = curl(&["--cacert", &cacert, "-H", &auth, &url]);
+        if got.0 == 200 || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["event_count"],
+        1
+    );
+    // The token is still required over TLS; an untrusted certificate is refused by the client;
+    // plain HTTP on the TLS port gets no HTTP answer.
+    assert_eq!(curl(&["--cacert", &cacert, &url]).0, 401);
+    assert_eq!(curl(&["-H", &auth, &url]).0, 0);
+    let plain = url.replacen("https://", "http://", 1);
+    assert_eq!(curl(&["-H", &auth, &plain]).0, 0);
+
+    // Half a TLS setting is an error at start.
+    let out = Command::new(env!("CARGO_BIN_EXE_persona"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PERSONA_HTTP_TLS_CERT", &cert)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tls_key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -14,8 +14,9 @@
 //! seen twice changes nothing. At equal `ts`, a revocation wins over a grant.
 //!
 //! Cost: O(1) per event (a push onto the user's held events); a control record costs O(the
-//! user's held events). Memory: every held event (all of a user's events after their last
-//! erasure), the erasure time and the consent records of each user that has them.
+//! user's held events). Memory: every held event (a user's events after their last erasure and
+//! last revocation: the ones a later control record can still admit or withdraw), the erasure
+//! time and the consent records of each user that has them.
 
 use crate::event::{route_hash, Event, Time};
 use differential_dataflow::{AsCollection, VecCollection};
@@ -63,6 +64,7 @@ impl UserGate {
         // After a revocation, nothing until the first grant strictly after it.
         let from = match revoked {
             None => 0,
+            Some(u64::MAX) => u64::MAX,
             Some(r) => self
                 .consents
                 .range((r + 1, false)..)
@@ -151,10 +153,12 @@ pub fn gate<'s>(
                                 }
                                 Update::Event(e, diff) => {
                                     let user = users.entry(e.user).or_default();
-                                    if user.erased_to.is_some_and(|to| e.ts <= to) {
-                                        continue; // erased: not held, never admitted
-                                    }
                                     let bounds = user.bounds();
+                                    // Erased, or before the last revocation: never admitted
+                                    // again (both only grow), so not held either.
+                                    if bounds.0.is_some_and(|to| e.ts <= to) {
+                                        continue;
+                                    }
                                     if diff > 0 {
                                         user.held.extend(std::iter::repeat_n(e, diff as usize));
                                     } else {
@@ -203,7 +207,7 @@ fn control(user: &mut UserGate, c: Event, kinds: &ControlKinds, changes: &mut Ve
             _ => {}
         }
     }
-    if let Some(to) = user.erased_to {
+    if let Some(to) = after.0 {
         user.held.retain(|e| e.ts > to);
         user.held.shrink_to_fit();
     }

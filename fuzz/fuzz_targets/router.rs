@@ -44,6 +44,7 @@ fuzz_target!(|input: (&str, &str, Option<&str>, &[u8])| {
         max_uri_bytes: 2048,
         max_headers: 64,
         header_timeout_ms: 10_000,
+        tls: None,
     };
     let header = HeaderValue::from_bytes(authorization).ok();
     let scope = auth::scope(&method, &segments);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 pub struct Process {
     pub child: Child,
-    /// `http://ADDR` from the log line "persona listening on http://ADDR".
+    /// `http://ADDR` (or `https://`) from the log line "persona listening on http://ADDR".
     pub base: String,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -33,7 +33,7 @@ pub fn spawn_listening(mut cmd: Command) -> Process {
             log.lock().unwrap().join("")
         );
         log.lock().unwrap().push(line.clone());
-        if let Some(pos) = line.find("listening on http://") {
+        if let Some(pos) = line.find("listening on http") {
             break line[pos + "listening on ".len()..]
                 .split_whitespace()
                 .next()
