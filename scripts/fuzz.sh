@@ -4,6 +4,8 @@
 # fuzz/artifacts/TARGET/ (replay it: cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...).
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60; CI runs 20)
+#   FUZZ_DEV=1 scripts/fuzz.sh 20            unoptimised build: about half the build time, fewer
+#                                            runs a second (CI uses it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
@@ -19,12 +21,14 @@ else
   export RUSTC_BOOTSTRAP=1
 fi
 targets=(parse_event config router)
+build=(-O)
+if [[ -n "${FUZZ_DEV:-}" ]]; then build=(--dev); fi
 cd fuzz
-cargo "${toolchain[@]}" fuzz build -O --target-dir ../target/fuzz 2>&1 | tail -1
+cargo "${toolchain[@]}" fuzz build "${build[@]}" --target-dir ../target/fuzz 2>&1 | tail -1
 log=$(mktemp)
 for t in "${targets[@]}"; do
   echo "== fuzz $t for ${seconds}s"
-  if ! cargo "${toolchain[@]}" fuzz run -O --target-dir ../target/fuzz "$t" -- \
+  if ! cargo "${toolchain[@]}" fuzz run "${build[@]}" --target-dir ../target/fuzz "$t" -- \
     -max_total_time="$seconds" -rss_limit_mb=4096 >"$log" 2>&1; then
     tail -40 "$log" >&2
     echo "fuzz target $t found an input that fails (kept under fuzz/artifacts/$t)" >&2

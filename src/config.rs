@@ -104,6 +104,9 @@ pub struct EngineConfig {
     pub weights: BTreeMap<String, f64>,
     /// Erasures (`DELETE /v1/users/{id}`) are appended here, and applied again at every start.
     pub erasure_log: PathBuf,
+    /// Where checkpoints are written ("": none; a restart re-reads Kafka from the beginning).
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_every: String,
 }
 
 impl Default for EngineConfig {
@@ -128,6 +131,8 @@ impl Default for EngineConfig {
             default_weight: 1.0,
             weights: weights.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             erasure_log: "erasures.jsonl".into(),
+            checkpoint_dir: PathBuf::new(),
+            checkpoint_every: "1m".into(),
         }
     }
 }
@@ -495,6 +500,8 @@ pub struct Settings {
     pub listen: String,
     pub http: HttpSettings,
     pub erasure_log: PathBuf,
+    /// `None`: no checkpoints.
+    pub checkpoints: Option<CheckpointSettings>,
     /// `None` when recommendations are off.
     pub recommendations: Option<RecommendSettings>,
     /// `None`: a single process.
@@ -502,6 +509,13 @@ pub struct Settings {
     /// Segments by name (ascending: a segment's id is its index).
     pub segments: Vec<Segment>,
     pub triggers: TriggersConfig,
+}
+
+/// Where and how often checkpoints are taken.
+#[derive(Clone, Debug)]
+pub struct CheckpointSettings {
+    pub dir: PathBuf,
+    pub every_ms: u64,
 }
 
 /// A configured segment.
@@ -843,6 +857,18 @@ impl Settings {
             listen: config.http.listen.clone(),
             http: http_settings(&config.http)?,
             erasure_log: e.erasure_log.clone(),
+            checkpoints: if e.checkpoint_dir.as_os_str().is_empty() {
+                None
+            } else {
+                let every_ms = duration_ms("engine.checkpoint_every", &e.checkpoint_every)?;
+                if every_ms == 0 {
+                    bail!("engine.checkpoint_every must be at least 1ms");
+                }
+                Some(CheckpointSettings {
+                    dir: e.checkpoint_dir.clone(),
+                    every_ms,
+                })
+            },
             recommendations: if config.recommendations.enabled {
                 Some(RecommendSettings::from_config(&config.recommendations)?)
             } else {
@@ -929,6 +955,9 @@ impl Settings {
         self.source.dead_letter_path = per_process(&self.source.dead_letter_path, process);
         self.triggers.path = per_process(&self.triggers.path, process);
         self.erasure_log = per_process(&self.erasure_log, process);
+        if self.checkpoints.is_some() {
+            bail!("engine.checkpoint_dir: checkpoints are taken by a single process; a cluster re-reads Kafka from the beginning of retention at start (leave checkpoint_dir empty)");
+        }
         if self.http.tls.is_some() {
             bail!("http.tls_cert: the processes of a cluster forward requests to each other over plain HTTP; terminate TLS in front of each process instead");
         }

@@ -123,6 +123,11 @@ pub struct Shared {
     pub erased: Mutex<Vec<crate::erasure::Erasure>>,
     /// The type hashes of erasure and consent records.
     pub controls: persona_dataflows::ControlKinds,
+    /// Takes checkpoints (Kafka source with `engine.checkpoint_dir`).
+    pub checkpoints: std::sync::OnceLock<crate::checkpoint::Coordinator>,
+    /// The checkpoint the workers start from, until every worker has fed its share.
+    pub restore: Mutex<Option<Arc<crate::checkpoint::Checkpoint>>>,
+    restored: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -163,6 +168,9 @@ impl Shared {
             stop: AtomicBool::new(false),
             max_ts: AtomicU64::new(0),
             started: Instant::now(),
+            checkpoints: std::sync::OnceLock::new(),
+            restore: Mutex::new(None),
+            restored: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -359,11 +367,11 @@ impl Inputs {
     }
 }
 
-/// The catalog as upserts of `(item, category)`: the current category of every item seen, so a
-/// change retracts the old pair.
+/// The catalog as upserts of `(item, category)`: the current category of every item seen (and
+/// the Kafka partition it came from, for checkpoints), so a change retracts the old pair.
 #[derive(Default)]
 struct Catalog {
-    current: HashMap<u64, u64>,
+    current: HashMap<u64, (u64, i32)>,
 }
 
 impl Catalog {
@@ -382,7 +390,11 @@ impl Catalog {
                 if let (Some(n), Some(c)) = (names, new) {
                     n.catalog(rec.item, c, &shared.names);
                 }
-                let old = self.current.get(&rec.item).copied();
+                let old = self.current.get(&rec.item).map(|(c, _)| *c);
+                let partition = match origin {
+                    Origin::Message { partition, .. } => partition,
+                    _ => -1,
+                };
                 if old != new {
                     if let Some(c) = old {
                         input.update((rec.item, c), -1);
@@ -390,12 +402,27 @@ impl Catalog {
                     }
                     if let Some(c) = new {
                         input.update((rec.item, c), 1);
-                        self.current.insert(rec.item, c);
+                        self.current.insert(rec.item, (c, partition));
                     }
                 }
             }
             Err(r) => shared.dead.reject(&r, &origin.to_string(), raw),
         }
+    }
+
+    /// The upserts in force, for a checkpoint.
+    fn entries(&self, topic: &str) -> Vec<crate::checkpoint::CatalogEntry> {
+        self.current
+            .iter()
+            .map(
+                |(&item, &(category, partition))| crate::checkpoint::CatalogEntry {
+                    topic: topic.to_string(),
+                    partition,
+                    item,
+                    category,
+                },
+            )
+            .collect()
     }
 }
 
@@ -516,6 +543,11 @@ fn run_worker(
             )
         }
     };
+    let restore = shared
+        .restore
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut feed = if matches!(mode, Mode::Run) && settings.source.kind == "kafka" {
         let monitor = shared
             .kafka
@@ -526,6 +558,7 @@ fn run_worker(
             index,
             peers,
             settings.start_offset,
+            restore.as_ref().map_or(&[], |c| &c.positions[..]),
         ))
     } else {
         Feed::File {
@@ -576,12 +609,13 @@ fn run_worker(
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
     #[allow(clippy::type_complexity)]
-    let (mut inputs, mut traces, mut recommend, probe, mut agreements): (
+    let (mut inputs, mut traces, mut recommend, probe, mut agreements, gate): (
         Inputs,
         ProfileTraces,
         Option<RecommendTraces>,
         ProbeHandle<Time>,
         Option<[crate::cluster::Agreement; 2]>,
+        persona_dataflows::GateState,
     ) = worker.dataflow::<Time, _, _>(|scope| {
         let (events_in, raw) = scope.new_collection::<Event, isize>();
         let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
@@ -654,6 +688,7 @@ fn run_worker(
             recommend,
             probe,
             agreements,
+            views.gate,
         )
     });
 
@@ -676,6 +711,20 @@ fn run_worker(
             inputs.controls.update(record, 1);
         }
     }
+    if let Some(c) = restore {
+        restore_share(
+            &c,
+            clock_mode,
+            &mut clock,
+            &mut inputs,
+            &mut catalog,
+            index,
+            peers,
+            local,
+            shared,
+        );
+    }
+    let mut turn = crate::checkpoint::Turn::default();
     let mut pending: Vec<Query> = Vec::new();
     let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
     let mut last_status = Instant::now()
@@ -914,6 +963,21 @@ fn run_worker(
                 *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) = partitions;
             }
         }
+        if let (Some(coordinator), Feed::Kafka(reader)) = (shared.checkpoints.get(), &feed) {
+            if reader.connected() {
+                coordinator.poll(
+                    local,
+                    &mut turn,
+                    || reader.reflected_positions(),
+                    || crate::checkpoint::Part {
+                        clock,
+                        max_ts: shared.max_ts.load(Ordering::Acquire),
+                        records: gate.records(shared.controls),
+                        catalog: catalog.entries(&settings.kafka.catalog_topic),
+                    },
+                );
+            }
+        }
         if index == 0 {
             if let Some(c) = shared.clock() {
                 shared.metrics.set_clock(c);
@@ -1025,6 +1089,48 @@ fn run_worker(
     drop(inputs);
     worker.drop_dataflow(dataflow_id);
     Ok(())
+}
+
+/// Feeds this worker's share of checkpoint `c`: every `peers`-th record (the exchanges route
+/// them to their owners), and the catalog entries of the partitions this worker reads.
+#[allow(clippy::too_many_arguments)]
+fn restore_share(
+    c: &crate::checkpoint::Checkpoint,
+    clock_mode: ClockMode,
+    clock: &mut Time,
+    inputs: &mut Inputs,
+    catalog: &mut Catalog,
+    index: usize,
+    peers: usize,
+    local: usize,
+    shared: &Shared,
+) {
+    if clock_mode == ClockMode::Event {
+        *clock = (*clock).max(c.clock);
+        inputs.advance_to(*clock);
+    }
+    for e in c.records.iter().skip(index).step_by(peers.max(1)) {
+        if shared.controls.is_control(e) {
+            inputs.controls.update(*e, 1);
+        } else if let Some(input) = inputs.events.as_mut() {
+            input.update(*e, 1);
+        }
+    }
+    if let Some(input) = inputs.catalog.as_mut() {
+        for entry in &c.catalog {
+            if kafka::partition_reader(entry.partition, peers) == index {
+                catalog
+                    .current
+                    .insert(entry.item, (entry.category, entry.partition));
+                input.update((entry.item, entry.category), 1);
+            }
+        }
+    }
+    let done = shared.restored.fetch_add(1, Ordering::AcqRel) + 1;
+    if done == shared.workers.len() {
+        *shared.restore.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    tracing::debug!(worker = local, "checkpoint share fed");
 }
 
 /// Where a worker's clock stands.
@@ -1276,10 +1382,16 @@ fn answer(
                     worker,
                     state: state.map(Box::new),
                 }),
-            (Ask::Erase { through }, _) => Ok(Answer::Erased {
-                as_of,
-                worker,
-                through: through.unwrap_or(0),
+            (Ask::Erase { through }, _) => Ok({
+                // Taken in: the next checkpoint holds none of the user's data; take it now.
+                if let Some(c) = shared.checkpoints.get() {
+                    c.erased();
+                }
+                Answer::Erased {
+                    as_of,
+                    worker,
+                    through: through.unwrap_or(0),
+                }
             }),
             (Ask::SegmentCounts, _) => traces
                 .segment_counts(as_of, shared.settings.segments.len())

@@ -7,6 +7,7 @@
 //! ```
 
 pub mod auth;
+pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod deadletter;

@@ -59,6 +59,9 @@ struct Inner {
     erasures: Counter,
     controls: Counter,
     refused: Family<ReasonLabel, Counter>,
+    checkpoints: Counter,
+    checkpoint_failures: Counter,
+    checkpoint_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -169,8 +172,29 @@ impl Metrics {
             "HTTP requests refused before routing, by reason (unauthorized, forbidden, uri_too_long)",
             refused.clone(),
         );
+        let checkpoints = Counter::default();
+        registry.register(
+            "checkpoints",
+            "Checkpoints written to engine.checkpoint_dir",
+            checkpoints.clone(),
+        );
+        let checkpoint_failures = Counter::default();
+        registry.register(
+            "checkpoint_failures",
+            "Checkpoints that could not be written (the previous one stays in use)",
+            checkpoint_failures.clone(),
+        );
+        let checkpoint_bytes = Gauge::default();
+        registry.register(
+            "checkpoint_bytes",
+            "Size of the newest checkpoint written",
+            checkpoint_bytes.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                checkpoints,
+                checkpoint_failures,
+                checkpoint_bytes,
                 erasures,
                 controls,
                 refused,
@@ -190,6 +214,15 @@ impl Metrics {
                 query_latency,
             }),
         }
+    }
+
+    pub fn checkpoint_written(&self, bytes: u64) {
+        self.inner.checkpoints.inc();
+        self.inner.checkpoint_bytes.set(bytes as i64);
+    }
+
+    pub fn checkpoint_failed(&self) {
+        self.inner.checkpoint_failures.inc();
     }
 
     pub fn erased(&self) {

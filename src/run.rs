@@ -6,6 +6,8 @@ use crate::server::Server;
 use crate::sink::{FileSink, KafkaSink, Sink};
 use crate::source::kafka::Monitor;
 use anyhow::{bail, Result};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 pub fn command(settings: Settings) -> Result<()> {
     let source = settings.source.clone();
@@ -46,6 +48,17 @@ pub fn command(settings: Settings) -> Result<()> {
     }
     let shared = Shared::new(settings, source.path.clone(), dead, triggers, monitor);
     let erased = shared.load_erasures()?;
+    let restored = match &shared.settings.checkpoints {
+        Some(c) if kafka => restore_checkpoint(&shared, c)?,
+        Some(c) => {
+            tracing::warn!(
+                dir = %c.dir.display(),
+                "engine.checkpoint_dir applies to the Kafka source; a file source is read again from its start"
+            );
+            "off (file source)".to_string()
+        }
+        None => "off".to_string(),
+    };
     let server = Server::start(&listen, shared.clone(), true)?;
     tracing::info!(
         workers = shared.workers.len(),
@@ -54,6 +67,7 @@ pub fn command(settings: Settings) -> Result<()> {
         segments = shared.settings.segments.len(),
         triggers = shared.live.describe(),
         erasures = erased,
+        checkpoint = restored,
         "persona listening on {}://{}",
         server.scheme,
         server.addr
@@ -83,4 +97,46 @@ pub fn command(settings: Settings) -> Result<()> {
         tracing::info!("stopped");
     }
     result
+}
+
+/// Loads the newest valid checkpoint for the workers to start from, and starts taking new ones.
+/// Returns what the start line says about it.
+fn restore_checkpoint(
+    shared: &Arc<Shared>,
+    settings: &crate::config::CheckpointSettings,
+) -> Result<String> {
+    let store = Arc::new(crate::checkpoint::Store::new(settings.dir.clone()));
+    let loaded = store.load()?;
+    let said = match loaded {
+        Some((path, c)) => {
+            for (h, s) in &c.names {
+                shared.names.insert(*h, s);
+            }
+            shared.max_ts.fetch_max(c.max_ts, Ordering::AcqRel);
+            tracing::info!(
+                path = %path.display(),
+                records = c.records.len(),
+                partitions = c.positions.len(),
+                clock = c.clock,
+                "resuming from checkpoint"
+            );
+            let said = format!("{} ({} records)", path.display(), c.records.len());
+            *shared.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(c));
+            said
+        }
+        None => format!(
+            "none yet in {} (reading the topics from kafka.start_offset)",
+            settings.dir.display()
+        ),
+    };
+    let coordinator = crate::checkpoint::Coordinator::start(
+        store,
+        std::time::Duration::from_millis(settings.every_ms),
+        shared.workers.len(),
+        shared.names.clone(),
+        shared.controls,
+        shared.metrics.clone(),
+    )?;
+    let _ = shared.checkpoints.set(coordinator);
+    Ok(said)
 }

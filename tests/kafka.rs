@@ -11,75 +11,10 @@
 
 mod support;
 
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 use support::broker::Broker;
 use support::kafka_log::*;
-use support::process::{spawn_listening, Process};
-
-/// `persona run` on the broker's topics with `workers` workers.
-fn start_engine(dir: &Path, brokers: &str, workers: usize) -> Process {
-    let config = dir.join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{ENGINE}workers = {workers}\n\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
-            dir.join("fallback-dead.jsonl").display().to_string(),
-            dir.join("fallback-triggers.jsonl").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let mut cmd = persona();
-    cmd.args(["run", "--config"]).arg(&config);
-    spawn_listening(cmd)
-}
-
-/// Waits until `total` messages are consumed, moves the clock past `max_ts` with a last event of
-/// another user, and checks every profile against the replay at `as_of_ms = max_ts`.
-fn finish_and_compare(
-    dir: &Path,
-    engine: &Process,
-    brokers: &str,
-    total: i64,
-    max_ts: u64,
-    expected: &BTreeMap<String, Value>,
-) {
-    // Under the event clock the newest events complete only when a later ts arrives, so wait
-    // for everything to be read, then send that later event.
-    engine.wait_for(120, "every produced message read", |e| {
-        positions(e, "read_position") == total
-    });
-    let last = dir.join("last.jsonl");
-    write_lines(
-        &last,
-        &[format!(
-            r#"{{"event_id":"zz-last","user_id":"zz-last","type":"page_view","ts":{}}}"#,
-            max_ts + 1
-        )],
-    );
-    produce(brokers, EVENTS, &last);
-    engine.wait_for(60, "the clock to pass max_ts", |e| {
-        e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(max_ts)
-    });
-    engine.wait_for(60, "positions reflected in the state", |e| {
-        positions(e, "position") >= total
-    });
-    let mut actual = Vec::new();
-    for user in expected.keys() {
-        let path = format!(
-            "/v1/users/{}?min_as_of_ms={max_ts}&timeout_ms=10000",
-            utf8_percent_encode(user, NON_ALPHANUMERIC)
-        );
-        let (status, p, _) = engine.get(&path);
-        assert_eq!(status, 200, "{user}: {p}");
-        assert_eq!(p["as_of_ms"].as_u64(), Some(max_ts), "{user}: {p}");
-        actual.push(p);
-    }
-    let expected: Vec<Value> = expected.values().cloned().collect();
-    support::assert_profiles_eq(&actual, &expected, "kafka run vs replay");
-}
 
 fn reasons(dead: &[Value]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -98,7 +33,7 @@ fn matches_replay(workers: usize) {
     create_topics(&broker);
     produce(&broker.addr, CATALOG, &catalog);
     produce(&broker.addr, EVENTS, &events);
-    let mut engine = start_engine(dir.path(), &broker.addr, workers);
+    let mut engine = start_engine(dir.path(), &broker.addr, workers, "");
     engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
     let total = (lines(&events).len() + lines(&catalog).len()) as i64;
     finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);
@@ -216,7 +151,7 @@ fn broker_down_at_start_and_restarted_mid_stream() {
     write_lines(&second_log, &second);
 
     let mut broker = Broker::not_started(dir.path());
-    let mut engine = start_engine(dir.path(), &broker.addr, 2);
+    let mut engine = start_engine(dir.path(), &broker.addr, 2, "");
     engine.wait_for(30, "the retry log line", |e| {
         e.log_contains("cannot reach the brokers")
     });

@@ -13,6 +13,9 @@
 //! Control records are facts, idempotent by content: they bypass de-duplication, and a record
 //! seen twice changes nothing. At equal `ts`, a revocation wins over a grant.
 //!
+//! The gate's state is readable between steps ([`GateState`]): it is exactly what a restart
+//! needs to rebuild every view, so checkpoints copy it.
+//!
 //! Cost: O(1) per event (a push onto the user's held events); a control record costs O(the
 //! user's held events). Memory: every held event (a user's events after their last erasure and
 //! last revocation: the ones a later control record can still admit or withdraw), the erasure
@@ -21,7 +24,9 @@
 use crate::event::{route_hash, Event, Time};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -98,15 +103,54 @@ pub fn split<'s>(
     (events, controls)
 }
 
+/// This worker's gate state, readable between steps: what a restart needs to rebuild every view
+/// of this worker's users.
+#[derive(Clone, Default)]
+pub struct GateState {
+    users: Rc<RefCell<HashMap<u64, UserGate>>>,
+}
+
+impl GateState {
+    /// Every held event and every control record in force, as records that, fed again as input
+    /// (events through de-duplication, control records as controls), rebuild this state and so
+    /// every view downstream. Events of every complete time are in it; later ones may be too.
+    pub fn records(&self, kinds: ControlKinds) -> Vec<Event> {
+        let users = self.users.borrow();
+        let mut out = Vec::new();
+        for (&user, gate) in users.iter() {
+            out.extend_from_slice(&gate.held);
+            let control = |kind, ts, value: f64| Event {
+                ts,
+                user,
+                id: 0,
+                kind,
+                item: crate::NO_ITEM,
+                value_bits: value.to_bits(),
+                device: None,
+            };
+            if let Some(ts) = gate.erased_to {
+                out.push(control(kinds.erasure, ts, 0.0));
+            }
+            for &(ts, granted) in &gate.consents {
+                out.push(control(kinds.consent, ts, if granted { 1.0 } else { 0.0 }));
+            }
+        }
+        out
+    }
+}
+
 /// Admits `events` (de-duplicated) through `controls`, see the module doc. Both inputs are
-/// exchanged by user; the output stays on the user's worker.
+/// exchanged by user; the output stays on the user's worker. The returned state is this
+/// worker's share, for checkpoints.
 pub fn gate<'s>(
     events: VecCollection<'s, Time, Event>,
     controls: VecCollection<'s, Time, Event>,
     kinds: ControlKinds,
-) -> VecCollection<'s, Time, Event> {
+) -> (VecCollection<'s, Time, Event>, GateState) {
+    let state = GateState::default();
+    let shared = state.users.clone();
     let by_user = || Exchange::new(|u: &(Event, Time, isize)| route_hash(u.0.user));
-    events
+    let admitted = events
         .inner
         .binary_frontier(
             controls.inner,
@@ -115,7 +159,7 @@ pub fn gate<'s>(
             "Gate",
             move |_cap, _info| {
                 let mut pending: BTreeMap<Time, (Capability<Time>, Vec<Update>)> = BTreeMap::new();
-                let mut users: HashMap<u64, UserGate> = HashMap::default();
+                let users = shared;
                 let mut changes: Vec<(Event, isize)> = Vec::new();
                 move |(events, events_frontier), (controls, controls_frontier), output| {
                     events.for_each(|cap, data| {
@@ -143,6 +187,7 @@ pub fn gate<'s>(
                             break;
                         }
                         let (time, (cap, mut batch)) = entry.remove_entry();
+                        let mut users = users.borrow_mut();
                         // Controls first: this time's events are judged by this time's rules.
                         batch.sort_by_key(|u| matches!(u, Update::Event(..)));
                         for update in batch {
@@ -185,7 +230,8 @@ pub fn gate<'s>(
                 }
             },
         )
-        .as_collection()
+        .as_collection();
+    (admitted, state)
 }
 
 /// Applies control record `c` to `user`: emits the admissions it withdraws and grants.

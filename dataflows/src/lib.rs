@@ -44,7 +44,7 @@ pub mod windows;
 pub use basics::Basics;
 pub use dedup::DedupObserver;
 pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM};
-pub use gate::ControlKinds;
+pub use gate::{ControlKinds, GateState};
 pub use interactions::{Affinity, InteractionConfig};
 pub use popular::{Popular, PopularConfig};
 pub use profile::{

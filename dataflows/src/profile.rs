@@ -74,6 +74,8 @@ pub struct Views<'s> {
     pub segments: Option<Arranged<'s, SegmentTrace>>,
     /// Present when recommendations are on.
     pub recommend: Option<RecommendViews<'s>>,
+    /// The admitted input's state, for checkpoints.
+    pub gate: gate::GateState,
 }
 
 /// Builds every view from raw (not yet de-duplicated) events and the catalog; `refresh` ticks
@@ -90,7 +92,7 @@ pub fn profiles<'s>(
     // The gate is the one move to the user's worker; every view downstream is keyed by user,
     // so their own exchanges then stay on this worker.
     let (raw, controls) = gate::split(raw, config.controls);
-    let events = gate::gate(
+    let (events, gate) = gate::gate(
         dedup::dedup(raw, config.dedup_horizon_ms, stats),
         controls,
         config.controls,
@@ -124,6 +126,7 @@ pub fn profiles<'s>(
         features,
         segments,
         recommend,
+        gate,
     }
 }
 

@@ -193,6 +193,8 @@ pub struct Reader {
     worker: usize,
     workers: usize,
     start: StartOffset,
+    /// Positions restored from a checkpoint: where those partitions resume.
+    resume: std::collections::HashMap<(String, i32), i64>,
     wake: Thread,
     readers: Option<Vec<TopicReader>>,
     in_flight: VecDeque<Snapshot>,
@@ -209,12 +211,24 @@ pub struct Read {
 }
 
 impl Reader {
-    pub fn new(monitor: Arc<Monitor>, worker: usize, workers: usize, start: StartOffset) -> Self {
+    /// A reader for `worker` of `workers`; partitions in `resume` start at their stored
+    /// position, the others at `start`.
+    pub fn new(
+        monitor: Arc<Monitor>,
+        worker: usize,
+        workers: usize,
+        start: StartOffset,
+        resume: &[crate::checkpoint::Position],
+    ) -> Self {
         Reader {
             monitor,
             worker,
             workers,
             start,
+            resume: resume
+                .iter()
+                .map(|p| ((p.topic.clone(), p.partition), p.next))
+                .collect(),
             wake: std::thread::current(),
             readers: None,
             in_flight: VecDeque::new(),
@@ -238,7 +252,7 @@ impl Reader {
                 .filter(|p| partition_reader(*p, self.workers) == self.worker)
                 .map(|partition| Owned {
                     partition,
-                    next: None,
+                    next: self.resume.get(&(topic.clone(), partition)).copied(),
                     caught_up: false,
                 })
                 .collect();
@@ -265,7 +279,8 @@ impl Reader {
                 StartOffset::Latest => Offset::End,
             };
             for o in &owned {
-                tpl.add_partition_offset(topic, o.partition, offset)
+                let at = o.next.map_or(offset, Offset::Offset);
+                tpl.add_partition_offset(topic, o.partition, at)
                     .with_context(|| format!("cannot assign {topic}/{}", o.partition))?;
             }
             consumer
@@ -285,7 +300,35 @@ impl Reader {
             });
         }
         self.readers = Some(readers);
+        // The restored state reflects the restored positions.
+        if !self.resume.is_empty() {
+            self.reflected = Some((0, self.positions()));
+        }
         Ok(true)
+    }
+
+    /// The consumers exist (the topics' layout is known).
+    pub fn connected(&self) -> bool {
+        self.readers.is_some()
+    }
+
+    /// The positions the state reflects (at the latest complete time), for a checkpoint.
+    pub fn reflected_positions(&self) -> Vec<crate::checkpoint::Position> {
+        let Some((_, reflected)) = &self.reflected else {
+            return Vec::new();
+        };
+        let readers = self.readers.as_deref().unwrap_or_default();
+        reflected
+            .iter()
+            .filter_map(|&(ri, oi, next)| {
+                let r = readers.get(ri)?;
+                Some(crate::checkpoint::Position {
+                    topic: r.topic.clone(),
+                    partition: r.owned.get(oi)?.partition,
+                    next: next?,
+                })
+            })
+            .collect()
     }
 
     /// Connected, and owns no partition of any topic (more workers than partitions).

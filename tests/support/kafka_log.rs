@@ -2,7 +2,8 @@
 //! is compared with, producing and reading positions.
 
 use super::broker::Broker;
-use super::process::Process;
+use super::process::{spawn_listening, Process};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,4 +159,67 @@ pub fn positions(engine: &Process, field: &str) -> i64 {
         .as_array()
         .map(|s| s.iter().filter_map(|p| p[field].as_i64()).sum())
         .unwrap_or(0)
+}
+
+/// `persona run` on the broker's topics with `workers` workers and `engine` more lines of
+/// `[engine]` settings.
+pub fn start_engine(dir: &Path, brokers: &str, workers: usize, engine: &str) -> Process {
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{ENGINE}workers = {workers}\n{engine}\n[source]\nkind = \"kafka\"\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[kafka]\nbrokers = {brokers:?}\nevents_topic = {EVENTS:?}\ncatalog_topic = {CATALOG:?}\ndead_letter_topic = {DEAD:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            dir.join("fallback-dead.jsonl").display().to_string(),
+            dir.join("fallback-triggers.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = persona();
+    cmd.args(["run", "--config"]).arg(&config);
+    spawn_listening(cmd)
+}
+
+/// Waits until `total` messages are consumed, moves the clock past `max_ts` with a last event of
+/// another user, and checks every profile against the replay at `as_of_ms = max_ts`.
+pub fn finish_and_compare(
+    dir: &Path,
+    engine: &Process,
+    brokers: &str,
+    total: i64,
+    max_ts: u64,
+    expected: &BTreeMap<String, Value>,
+) {
+    // Under the event clock the newest events complete only when a later ts arrives, so wait
+    // for everything to be read, then send that later event.
+    engine.wait_for(120, "every produced message read", |e| {
+        positions(e, "read_position") == total
+    });
+    let last = dir.join("last.jsonl");
+    write_lines(
+        &last,
+        &[format!(
+            r#"{{"event_id":"zz-last","user_id":"zz-last","type":"page_view","ts":{}}}"#,
+            max_ts + 1
+        )],
+    );
+    produce(brokers, EVENTS, &last);
+    engine.wait_for(60, "the clock to pass max_ts", |e| {
+        e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(max_ts)
+    });
+    engine.wait_for(60, "positions reflected in the state", |e| {
+        positions(e, "position") >= total
+    });
+    let mut actual = Vec::new();
+    for user in expected.keys() {
+        let path = format!(
+            "/v1/users/{}?min_as_of_ms={max_ts}&timeout_ms=10000",
+            utf8_percent_encode(user, NON_ALPHANUMERIC)
+        );
+        let (status, p, _) = engine.get(&path);
+        assert_eq!(status, 200, "{user}: {p}");
+        assert_eq!(p["as_of_ms"].as_u64(), Some(max_ts), "{user}: {p}");
+        actual.push(p);
+    }
+    let expected: Vec<Value> = expected.values().cloned().collect();
+    super::assert_profiles_eq(&actual, &expected, "kafka run vs replay");
 }

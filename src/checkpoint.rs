@@ -1,0 +1,482 @@
+//! Checkpoints: what a restart needs to resume from stored Kafka positions instead of re-reading
+//! every topic from the beginning of retention.
+//!
+//! A checkpoint holds, for the whole process:
+//! * every worker's gate records: the de-duplicated events the views are built from (admitted
+//!   or withheld by consent) and the erasure and consent records in force. Erased events are
+//!   not in it: the gate no longer holds them;
+//! * the catalog read from the catalog topic, with the partition each item came from;
+//! * the engine clock, the largest `ts` seen, and the Kafka positions: every message below a
+//!   position is in the records;
+//! * the strings of the ids those records name.
+//!
+//! Consistency: taken in two phases across the process's workers. Each worker first notes the
+//! positions its state reflects (messages entered at complete times); once every worker has,
+//! each copies its gate state. A copy taken after a position was noted holds every record below
+//! it, and may hold later ones, which are de-duplicated when they are read again after a restart.
+//!
+//! File: magic, format version, payload length and xxh3-64 checksum, then the bincode payload.
+//! Written to a temporary file, fsynced, renamed into place, directory fsynced. The newest two are
+//! kept; one that fails its checks (truncated, corrupt, other version) is logged and the one
+//! before it used.
+
+use crate::metrics::Metrics;
+use crate::names::Names;
+use anyhow::{bail, Context, Result};
+use persona_dataflows::{ControlKinds, Event, NO_ITEM};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Format version: a checkpoint of another version is not used.
+pub const VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"PRSNCKPT";
+/// Magic, version, length, checksum.
+const HEADER: usize = 8 + 4 + 8 + 8;
+/// Checkpoints kept: the newest, and the one used if it turns out unreadable.
+const KEEP: usize = 2;
+
+/// A Kafka partition's next offset to read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+}
+
+/// A catalog upsert in force, and the partition of the catalog topic it was read from (its
+/// reader owns it, so that a later record for the item replaces it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub topic: String,
+    pub partition: i32,
+    pub item: u64,
+    pub category: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Wall clock when it was taken, epoch ms.
+    pub taken_at_ms: u64,
+    /// The engine clock of the workers when they copied their state.
+    pub clock: u64,
+    /// The largest valid `ts` parsed.
+    pub max_ts: u64,
+    pub positions: Vec<Position>,
+    pub catalog: Vec<CatalogEntry>,
+    /// Gate records: events, then control records, in no particular order.
+    pub records: Vec<Event>,
+    /// Strings of the ids that `records` and `catalog` name.
+    pub names: Vec<(u64, String)>,
+}
+
+impl Checkpoint {
+    /// Fills in the strings of every id the events and catalog name. Control records name
+    /// none: an erased user's id string is not written.
+    fn name_ids(&mut self, names: &Names, kinds: ControlKinds) {
+        let mut ids: HashSet<u64> = HashSet::new();
+        for e in self.records.iter().filter(|e| !kinds.is_control(e)) {
+            ids.extend([e.user, e.id, e.kind, e.item]);
+        }
+        for c in &self.catalog {
+            ids.extend([c.item, c.category]);
+        }
+        ids.remove(&NO_ITEM);
+        self.names = ids
+            .into_iter()
+            .filter_map(|h| names.get(h).map(|s| (h, s.to_string())))
+            .collect();
+    }
+}
+
+/// Serialises `c` with its header.
+pub fn encode(c: &Checkpoint) -> Result<Vec<u8>> {
+    let payload = bincode::serialize(c).context("cannot serialise the checkpoint")?;
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Checks the header, length and checksum of `bytes`, then deserialises.
+pub fn decode(bytes: &[u8]) -> Result<Checkpoint> {
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        bail!("not a persona checkpoint (bad magic or shorter than its header)");
+    }
+    let word = |at: usize, n: usize| -> u64 {
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&bytes[at..at + n]);
+        u64::from_le_bytes(b)
+    };
+    let version = word(8, 4) as u32;
+    if version != VERSION {
+        bail!("format version {version}, this build reads version {VERSION}");
+    }
+    let len = word(12, 8);
+    let sum = word(20, 8);
+    let payload = &bytes[HEADER..];
+    if payload.len() as u64 != len {
+        bail!(
+            "truncated or padded: {} payload bytes, the header says {len}",
+            payload.len()
+        );
+    }
+    if xxhash_rust::xxh3::xxh3_64(payload) != sum {
+        bail!("checksum mismatch: the file is corrupt");
+    }
+    bincode::deserialize(payload).context("checksum matches but the payload does not decode")
+}
+
+/// The checkpoint directory.
+pub struct Store {
+    dir: PathBuf,
+}
+
+const PREFIX: &str = "checkpoint-";
+const SUFFIX: &str = ".bin";
+
+impl Store {
+    pub fn new(dir: PathBuf) -> Store {
+        Store { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Checkpoints present, newest first.
+    fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let mut found = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.dir.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot list {}", self.dir.display()))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let seq = name
+                .strip_prefix(PREFIX)
+                .and_then(|s| s.strip_suffix(SUFFIX))
+                .and_then(|s| s.parse::<u64>().ok());
+            if let Some(seq) = seq {
+                found.push((seq, entry.path()));
+            }
+        }
+        found.sort_by_key(|e| std::cmp::Reverse(e.0));
+        Ok(found)
+    }
+
+    /// The newest checkpoint that passes its checks; each one that does not is logged and
+    /// skipped. `None` when there is none.
+    pub fn load(&self) -> Result<Option<(PathBuf, Checkpoint)>> {
+        self.remove_temporaries();
+        for (_, path) in self.list()? {
+            let read = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| decode(&b));
+            match read {
+                Ok(c) => return Ok(Some((path, c))),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    "checkpoint unusable, trying the one before it: {e:#}"
+                ),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the temporary files of writes a crash interrupted.
+    fn remove_temporaries(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".checkpoint-") && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Writes `c` atomically as the newest checkpoint, then deletes all but the newest
+    /// [`KEEP`] (all older ones if `only_newest`). Returns its path and size.
+    pub fn write(&self, c: &Checkpoint, only_newest: bool) -> Result<(PathBuf, usize)> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let existing = self.list()?;
+        let seq = existing.first().map_or(1, |(s, _)| s + 1);
+        let path = self.dir.join(format!("{PREFIX}{seq:010}{SUFFIX}"));
+        let bytes = encode(c)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".checkpoint-")
+            .suffix(".tmp")
+            .tempfile_in(&self.dir)
+            .with_context(|| format!("cannot create a file in {}", self.dir.display()))?;
+        tmp.write_all(&bytes)
+            .and_then(|_| tmp.as_file().sync_all())
+            .with_context(|| format!("cannot write a checkpoint in {}", self.dir.display()))?;
+        tmp.persist(&path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot rename the checkpoint to {}", path.display()))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot fsync {}", self.dir.display()))?;
+        let keep = if only_newest { 0 } else { KEEP - 1 };
+        for (_, old) in existing.iter().skip(keep) {
+            if let Err(e) = std::fs::remove_file(old) {
+                tracing::warn!(path = %old.display(), "cannot delete an old checkpoint: {e}");
+            }
+        }
+        Ok((path, bytes.len()))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One worker's share of a checkpoint's state.
+pub struct Part {
+    pub clock: u64,
+    pub max_ts: u64,
+    pub records: Vec<Event>,
+    pub catalog: Vec<CatalogEntry>,
+}
+
+/// A worker's progress through the rounds.
+#[derive(Default)]
+pub struct Turn {
+    noted: u64,
+    copied: u64,
+}
+
+/// The round being taken.
+#[derive(Default)]
+struct Round {
+    id: u64,
+    checkpoint: Checkpoint,
+    copied: usize,
+    /// Opened after an erasure was taken in: older checkpoints are deleted once it is written.
+    after_erasure: bool,
+}
+
+/// Takes checkpoints every `every`, across the workers of the process (see the module doc).
+pub struct Coordinator {
+    store: Arc<Store>,
+    every: Duration,
+    workers: usize,
+    /// The open round (0: none).
+    open: AtomicU64,
+    noted: AtomicUsize,
+    round: Mutex<Round>,
+    last: Mutex<Instant>,
+    /// A checkpoint is being written: no new round opens until it is done.
+    writing: Arc<AtomicBool>,
+    /// An erasure since the last round: take one now, and delete every older one.
+    erased: AtomicBool,
+    writer: crossbeam_channel::Sender<(Checkpoint, bool)>,
+}
+
+impl Coordinator {
+    /// Starts the writer thread.
+    pub fn start(
+        store: Arc<Store>,
+        every: Duration,
+        workers: usize,
+        names: Names,
+        kinds: ControlKinds,
+        metrics: Metrics,
+    ) -> Result<Coordinator> {
+        let (writer, jobs) = crossbeam_channel::bounded::<(Checkpoint, bool)>(1);
+        let writing = Arc::new(AtomicBool::new(false));
+        let busy = writing.clone();
+        let s = store.clone();
+        std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for (mut c, only_newest) in jobs {
+                    let started = Instant::now();
+                    c.name_ids(&names, kinds);
+                    match s.write(&c, only_newest) {
+                        Ok((path, bytes)) => {
+                            metrics.checkpoint_written(bytes as u64);
+                            tracing::info!(
+                                path = %path.display(),
+                                records = c.records.len(),
+                                bytes,
+                                ms = started.elapsed().as_millis() as u64,
+                                "checkpoint written"
+                            );
+                        }
+                        Err(e) => {
+                            metrics.checkpoint_failed();
+                            tracing::error!("checkpoint failed (the previous one stays): {e:#}");
+                        }
+                    }
+                    busy.store(false, Ordering::Release);
+                }
+            })
+            .context("cannot start the checkpoint writer thread")?;
+        Ok(Coordinator {
+            store,
+            every,
+            workers,
+            open: AtomicU64::new(0),
+            noted: AtomicUsize::new(0),
+            round: Mutex::new(Round::default()),
+            last: Mutex::new(Instant::now()),
+            writing,
+            erased: AtomicBool::new(false),
+            writer,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn round(&self) -> std::sync::MutexGuard<'_, Round> {
+        self.round.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for a checkpoint now that drops every older one (after an erasure).
+    pub fn erased(&self) {
+        self.erased.store(true, Ordering::Release);
+    }
+
+    /// Called by worker `local` between steps. `positions` gives the Kafka positions its state
+    /// reflects; `part` copies its state. Either is called at most once per round.
+    pub fn poll(
+        &self,
+        local: usize,
+        turn: &mut Turn,
+        positions: impl FnOnce() -> Vec<Position>,
+        part: impl FnOnce() -> Part,
+    ) {
+        if local == 0 && self.open.load(Ordering::Acquire) == 0 {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.elapsed() >= self.every || self.erased.load(Ordering::Acquire);
+            if due && !self.writing.load(Ordering::Acquire) {
+                *last = Instant::now();
+                let mut round = self.round();
+                let id = round.id + 1;
+                *round = Round {
+                    id,
+                    after_erasure: self.erased.swap(false, Ordering::AcqRel),
+                    ..Round::default()
+                };
+                self.noted.store(0, Ordering::Release);
+                self.open.store(id, Ordering::Release);
+            }
+        }
+        let open = self.open.load(Ordering::Acquire);
+        if open == 0 {
+            return;
+        }
+        if turn.noted < open {
+            turn.noted = open;
+            let p = positions();
+            self.round().checkpoint.positions.extend(p);
+            self.noted.fetch_add(1, Ordering::AcqRel);
+        }
+        if turn.copied < open && self.noted.load(Ordering::Acquire) == self.workers {
+            turn.copied = open;
+            let part = part();
+            let mut round = self.round();
+            let c = &mut round.checkpoint;
+            c.clock = c.clock.max(part.clock);
+            c.max_ts = c.max_ts.max(part.max_ts);
+            c.records.extend(part.records);
+            c.catalog.extend(part.catalog);
+            round.copied += 1;
+            if round.copied == self.workers {
+                let mut c = std::mem::take(&mut round.checkpoint);
+                c.taken_at_ms = now_ms();
+                self.writing.store(true, Ordering::Release);
+                if self.writer.try_send((c, round.after_erasure)).is_err() {
+                    self.writing.store(false, Ordering::Release);
+                }
+                self.open.store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Checkpoint {
+        Checkpoint {
+            taken_at_ms: 1,
+            clock: 2,
+            max_ts: 3,
+            positions: vec![Position {
+                topic: "events".into(),
+                partition: 1,
+                next: 42,
+            }],
+            catalog: vec![],
+            records: vec![Event {
+                ts: 5,
+                user: 6,
+                id: 7,
+                kind: 8,
+                item: 9,
+                value_bits: 1.5f64.to_bits(),
+                device: None,
+            }],
+            names: vec![(6, "u".into())],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_detects_damage() {
+        let c = sample();
+        let bytes = encode(&c).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), c);
+        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(decode(&flipped)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+        let mut other = bytes;
+        other[8] = 99;
+        assert!(decode(&other).unwrap_err().to_string().contains("version"));
+    }
+
+    #[test]
+    fn falls_back_to_the_previous_and_keeps_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("ck"));
+        assert!(store.load().unwrap().is_none());
+        let mut c = sample();
+        for clock in 1..=3 {
+            c.clock = clock;
+            store.write(&c, false).unwrap();
+        }
+        assert_eq!(store.list().unwrap().len(), 2);
+        let (newest, loaded) = store.load().unwrap().unwrap();
+        assert_eq!(loaded.clock, 3);
+        let bytes = std::fs::read(&newest).unwrap();
+        std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+        assert_eq!(store.load().unwrap().unwrap().1.clock, 2);
+        store.write(&c, true).unwrap();
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+}
