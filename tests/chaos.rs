@@ -1,6 +1,6 @@
 //! Kill it at any moment and lose nothing. A log is produced to Kafka in chunks (each chunk also
 //! redelivers the end of the previous one) while `persona run`, taking checkpoints every 100 ms,
-//! is killed with SIGKILL at random moments and restarted; the broker is killed and restarted
+//! is killed with SIGKILL at random moments and restarted (with 2, 3 or 1 workers); the broker is killed and restarted
 //! once, and once the newest checkpoint is truncated before a restart. The final profiles must
 //! equal `persona replay` of the same log.
 //!
@@ -40,6 +40,11 @@ fn checkpoints(dir: &Path) -> Vec<PathBuf> {
     files.retain(|p| p.extension().is_some_and(|e| e == "bin"));
     files.sort();
     files
+}
+
+/// Workers after the `i`th kill: a checkpoint restores with another worker count too.
+fn workers(i: usize) -> usize {
+    [2, 3, 1][i % 3]
 }
 
 /// SIGKILL: no shutdown code runs.
@@ -96,12 +101,12 @@ fn sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice() {
             let bytes = std::fs::read(newest).unwrap();
             std::fs::write(newest, &bytes[..bytes.len() / 2]).unwrap();
             corrupted = true;
-            engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
+            engine = start_engine(dir.path(), &broker.addr, workers(i), &engine_config);
             engine.wait_for(60, "the fallback to the previous checkpoint", |e| {
                 e.log_contains("checkpoint unusable, trying the one before it")
             });
         } else {
-            engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
+            engine = start_engine(dir.path(), &broker.addr, workers(i), &engine_config);
         }
         if engine.log_contains("resuming from checkpoint") {
             resumed += 1;
