@@ -185,13 +185,36 @@ impl Store {
                 .and_then(|b| decode(&b));
             match read {
                 Ok(c) => return Ok(Some((path, c))),
-                Err(e) => tracing::warn!(
-                    path = %path.display(),
-                    "checkpoint unusable, trying the one before it: {e:#}"
-                ),
+                Err(e) => {
+                    // Moved aside (kept for inspection): pruning must not count it as one of
+                    // the checkpoints kept, or it would delete the valid one before it.
+                    let aside = path.with_extension("bin.unusable");
+                    let moved = std::fs::rename(&path, &aside).is_ok();
+                    tracing::warn!(
+                        path = %path.display(),
+                        moved_to = %if moved { aside.display().to_string() } else { "-".into() },
+                        "checkpoint unusable, trying the one before it: {e:#}"
+                    );
+                }
             }
         }
         Ok(None)
+    }
+
+    /// Deletes the checkpoints moved aside as unusable (after an erasure: they may name the user).
+    fn remove_unusable(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".bin.unusable")
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Deletes the temporary files of writes a crash interrupted.
@@ -231,6 +254,9 @@ impl Store {
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .with_context(|| format!("cannot fsync {}", self.dir.display()))?;
+        if only_newest {
+            self.remove_unusable();
+        }
         let keep = if only_newest { 0 } else { KEEP - 1 };
         for (_, old) in existing.iter().skip(keep) {
             if let Err(e) = std::fs::remove_file(old) {
@@ -476,7 +502,15 @@ mod tests {
         let bytes = std::fs::read(&newest).unwrap();
         std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
         assert_eq!(store.load().unwrap().unwrap().1.clock, 2);
+        assert!(newest.with_extension("bin.unusable").exists());
+        // The next write keeps the valid one before it, not the unusable one.
+        c.clock = 4;
+        store.write(&c, false).unwrap();
+        let kept: Vec<u64> = store.list().unwrap().iter().map(|(s, _)| *s).collect();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(store.load().unwrap().unwrap().1.clock, 4);
         store.write(&c, true).unwrap();
         assert_eq!(store.list().unwrap().len(), 1);
+        assert!(!newest.with_extension("bin.unusable").exists());
     }
 }
