@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 USERS=${USERS:-30000}
 EVENTS=${EVENTS:-300000}
 DURATION=${DURATION:-15s}
+WARMUP=${WARMUP:-5s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 INGEST=${INGEST:-2000}
@@ -81,6 +82,11 @@ request = function()
   return wrk.format("GET", "/v1/users/u" .. math.random(0, users - 1))
 end
 LUA
+# Warm-up, not measured: the first read of each user waits for its worker (which publishes
+# the profile for the reads after it), and the first seconds after catching up hold the
+# arrangements' large merges.
+wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$DIR/users.lua" "$base" >/dev/null
+curl -s -H "Authorization: Bearer $token" "$base/metrics" >"$DIR/metrics-before.txt"
 before=$(curl -s -H "Authorization: Bearer $token" "$base/metrics" | awk '/^persona_events_in_total/ {print $2}')
 start=$(date +%s.%N)
 if [[ -n "${RATE:-}" ]] && command -v wrk2 >/dev/null; then
@@ -91,5 +97,25 @@ fi | tee "$DIR/wrk.out"
 end=$(date +%s.%N)
 after=$(curl -s -H "Authorization: Bearer $token" "$base/metrics" | awk '/^persona_events_in_total/ {print $2}')
 python3 -c "print(f'ingested during the run: {($after - $before) / ($end - $start):.0f} events/s (offered {$INGEST})')"
+# The server's own view: time from a request's routing to its answer, by histogram bucket.
+curl -s -H "Authorization: Bearer $token" "$base/metrics" >"$DIR/metrics.txt"
+python3 - "$DIR/metrics-before.txt" "$DIR/metrics.txt" <<'PY'
+import re, sys
+def buckets(path):
+    out = []
+    for line in open(path):
+        m = re.match(r'persona_query_duration_seconds_bucket\{le="([^"]+)",route="profile"\} (\d+)', line)
+        if m:
+            out.append((float("inf") if m[1] == "+Inf" else float(m[1]), int(m[2])))
+    return out
+before, after = buckets(sys.argv[1]), buckets(sys.argv[2])
+if after:
+    during = [(le, n - dict(before).get(le, 0)) for le, n in after]
+    total = during[-1][1]
+    def pct(p):
+        return next(le for le, n in during if n >= p * total)
+    print(f"server-side, {total} profile answers (routing to reply, histogram bucket bounds): " + ", ".join(
+        f"p{p * 100:g} <= {pct(p) * 1000:.2f} ms" for p in (0.5, 0.9, 0.99, 0.999)))
+PY
 status=$(curl -s -H "Authorization: Bearer $token" "$base/v1/users/u1" -o /dev/null -w '%{http_code}')
 echo "a profile after the run: HTTP $status"

@@ -12,6 +12,7 @@ use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
 use crate::names::Names;
 use crate::parse::{self, Rejection};
+use crate::profile_cache::Publisher;
 use crate::query::Ask;
 use crate::query::{Answer, Query, Router};
 use crate::sink::Sink;
@@ -25,8 +26,10 @@ use persona_dataflows::{
     profiles, Event, InteractionConfig, PopularConfig, ProfileState, ProfileTraces,
     RecommendConfig, RecommendTraces, SegmentConfig, SimilarConfig, Time, ViewConfig,
 };
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -128,6 +131,8 @@ pub struct Shared {
     /// The checkpoint the workers start from, until every worker has fed its share.
     pub restore: Mutex<Option<Arc<crate::checkpoint::Checkpoint>>>,
     restored: std::sync::atomic::AtomicUsize,
+    /// Profiles the workers publish for reads on the HTTP thread (`persona run`).
+    pub profiles: Arc<crate::profile_cache::ProfileCache>,
 }
 
 impl Shared {
@@ -171,6 +176,7 @@ impl Shared {
             checkpoints: std::sync::OnceLock::new(),
             restore: Mutex::new(None),
             restored: std::sync::atomic::AtomicUsize::new(0),
+            profiles: Arc::new(crate::profile_cache::ProfileCache::new(workers)),
         })
     }
 
@@ -609,13 +615,15 @@ fn run_worker(
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
     #[allow(clippy::type_complexity)]
-    let (mut inputs, mut traces, mut recommend, probe, mut agreements, gate): (
+    let (mut inputs, mut traces, mut recommend, probe, mut agreements, gate, publisher, watched): (
         Inputs,
         ProfileTraces,
         Option<RecommendTraces>,
         ProbeHandle<Time>,
         Option<[crate::cluster::Agreement; 2]>,
         persona_dataflows::GateState,
+        Rc<RefCell<Publisher>>,
+        ProbeHandle<Time>,
     ) = worker.dataflow::<Time, _, _>(|scope| {
         let (events_in, raw) = scope.new_collection::<Event, isize>();
         let (catalog_in, catalog) = scope.new_collection::<(u64, u64), isize>();
@@ -663,7 +671,7 @@ fn run_worker(
         );
         let (probe, _) = views.basics.stream.clone().probe();
         views.features.stream.clone().probe_with(&probe);
-        watch_changes(&views, shared, &probe);
+        let (publisher, watched) = watch_changes(&views, shared, &probe, local);
         let recommend = views.recommend.as_ref().map(|r| {
             r.affinity.stream.clone().probe_with(&probe);
             r.neighbours.stream.clone().probe_with(&probe);
@@ -689,6 +697,8 @@ fn run_worker(
             probe,
             agreements,
             views.gate,
+            publisher,
+            watched,
         )
     });
 
@@ -954,6 +964,13 @@ fn run_worker(
         };
         let completed = latest.map(|l| l.saturating_add(1)).unwrap_or(0);
         status.frontier.store(completed, Ordering::Release);
+        // Reads are answered at the latest time whose changes the watch has also seen, so that
+        // no published profile is older than an answer already given (see `profile_cache`).
+        let ready = match watched.with_frontier(|f| f.first().copied()) {
+            None => latest,
+            Some(0) => None,
+            Some(w) => latest.map(|l| l.min(w - 1)),
+        };
         if let Feed::Kafka(reader) = &mut feed {
             reader.completed(completed);
             // For /v1/status only: a few times a second is enough, not every step.
@@ -1065,14 +1082,19 @@ fn run_worker(
             answer(
                 &mut traces,
                 recommend.as_mut(),
-                latest,
+                ready,
                 &mut pending,
                 index,
                 shared,
+                &mut publisher.borrow_mut(),
             );
         }
-        if let Some(l) = latest {
-            // Answers are always given at the latest complete time, so no history is kept.
+        if let Some(l) = ready {
+            // After the answers: they may have published entries at `l` already.
+            publisher
+                .borrow_mut()
+                .publish(l, |user| traces.read_user(user, l));
+            // Answers are always given at the latest ready time, so no history is kept.
             traces.compact_to(l);
             if let Some(r) = recommend.as_mut() {
                 r.compact_to(l);
@@ -1269,16 +1291,34 @@ macro_rules! for_each_update {
     }};
 }
 
-/// Hooks the triggers sink and live subscribers to the arrangements' batches: each batch holds
-/// exactly the changes of times that just completed, once.
+/// Hooks the triggers sink, live subscribers and the published profiles to the arrangements'
+/// batches: each batch holds exactly the changes of times that just completed, once. Returns
+/// the publisher and a probe that has passed a time once every change through it was seen.
 fn watch_changes(
     views: &persona_dataflows::Views<'_>,
     shared: &Arc<Shared>,
     probe: &ProbeHandle<Time>,
-) {
+    local: usize,
+) -> (Rc<RefCell<Publisher>>, ProbeHandle<Time>) {
     use timely::dataflow::operators::Inspect;
+    let publisher = Rc::new(RefCell::new(Publisher::new(shared.profiles.clone(), local)));
+    let watched = ProbeHandle::new();
+    // Every change of a user's records, once per (user, time) of a batch.
+    let changed = |shared: Arc<Shared>, publisher: Rc<RefCell<Publisher>>| {
+        move |user: u64, t: Time, last: &mut Option<(u64, Time)>| {
+            if *last == Some((user, t)) {
+                return;
+            }
+            *last = Some((user, t));
+            publisher.borrow_mut().changed(user, t);
+            if shared.live.hub.active() {
+                shared.live.hub.changed(user, t);
+            }
+        }
+    };
     if let Some(segments) = views.segments.as_ref() {
         let shared = shared.clone();
+        let on_change = changed(shared.clone(), publisher.clone());
         segments
             .stream
             .clone()
@@ -1288,28 +1328,37 @@ fn watch_changes(
                     .push((t, user, *id, r)));
                 changes.sort_unstable();
                 shared.live.triggers(&changes);
-                if shared.live.hub.active() {
-                    for (t, user, _, _) in &changes {
-                        shared.live.hub.changed(*user, *t);
-                    }
+                let mut last = None;
+                for (t, user, _, _) in &changes {
+                    on_change(*user, *t, &mut last);
                 }
             })
             // A replay stops once its final time passed here: every trigger is out by then.
-            .probe_with(probe);
+            .probe_with(probe)
+            .probe_with(&watched);
     }
     // A profile changes with its basics (every event) and its features (windows moving).
-    let watched = shared.clone();
-    views.basics.stream.clone().inspect(move |batch| {
-        if watched.live.hub.active() {
-            for_each_update!(batch, |user, _, t, _| watched.live.hub.changed(user, t));
-        }
-    });
-    let watched = shared.clone();
-    views.features.stream.clone().inspect(move |batch| {
-        if watched.live.hub.active() {
-            for_each_update!(batch, |user, _, t, _| watched.live.hub.changed(user, t));
-        }
-    });
+    let on_change = changed(shared.clone(), publisher.clone());
+    views
+        .basics
+        .stream
+        .clone()
+        .inspect(move |batch| {
+            let mut last = None;
+            for_each_update!(batch, |user, _, t, _| on_change(user, t, &mut last));
+        })
+        .probe_with(&watched);
+    let on_change = changed(shared.clone(), publisher.clone());
+    views
+        .features
+        .stream
+        .clone()
+        .inspect(move |batch| {
+            let mut last = None;
+            for_each_update!(batch, |user, _, t, _| on_change(user, t, &mut last));
+        })
+        .probe_with(&watched);
+    (publisher, watched)
 }
 
 /// The recommendation views' configuration, from the settings.
@@ -1352,6 +1401,7 @@ fn answer(
     pending: &mut Vec<Query>,
     worker: usize,
     shared: &Shared,
+    publisher: &mut Publisher,
 ) {
     let now = Instant::now();
     let names = shared.names.order();
@@ -1375,14 +1425,17 @@ fn answer(
         }
         let as_of = latest.unwrap_or(0);
         let read = match (&q.ask, recommend.as_deref_mut()) {
-            (Ask::Profile, _) => traces
-                .read_user(q.user, as_of)
-                .map(|state| Answer::Profile {
+            (Ask::Profile, _) => traces.read_user(q.user, as_of).map(|state| {
+                let state = state.map(Arc::new);
+                publisher.offer(q.user, as_of, state.clone());
+                Answer::Profile {
                     as_of,
                     worker,
-                    state: state.map(Box::new),
-                }),
+                    state,
+                }
+            }),
             (Ask::Erase { through }, _) => Ok({
+                publisher.erased(q.user);
                 // Taken in: the next checkpoint holds none of the user's data; take it now.
                 if let Some(c) = shared.checkpoints.get() {
                     c.erased();

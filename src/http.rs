@@ -93,6 +93,9 @@ pub async fn serve(
                         continue;
                     }
                 };
+                // Answers are small and written as soon as they are ready: without this, one
+                // written in two segments waits for the client's delayed ACK (Nagle).
+                let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -491,20 +494,33 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
         (Ok(m), Ok(t)) => (m, t.unwrap_or(DEFAULT_TIMEOUT_MS).min(MAX_TIMEOUT_MS)),
         (Err(r), _) | (_, Err(r)) => return *r,
     };
-    let answer = match shared
+    let user = crate::names::hash(&user_id);
+    // Published by the owner worker: answered here, without waiting for its step to end.
+    let published = shared
         .router
-        .ask(
-            crate::names::hash(&user_id),
-            Ask::Profile,
-            min_as_of,
-            Duration::from_millis(timeout_ms),
-        )
-        .await
-    {
-        Answer::Timeout { as_of: None } => Answer::Timeout {
-            as_of: shared.clock(),
+        .local(user)
+        .and_then(|w| shared.profiles.get(user, w, min_as_of));
+    let answer = match published {
+        Some(hit) => Answer::Profile {
+            as_of: hit.as_of,
+            worker: shared.router.owner(user),
+            state: hit.state,
         },
-        a => a,
+        None => match shared
+            .router
+            .ask(
+                user,
+                Ask::Profile,
+                min_as_of,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        {
+            Answer::Timeout { as_of: None } => Answer::Timeout {
+                as_of: shared.clock(),
+            },
+            a => a,
+        },
     };
     match answer {
         Answer::Profile {

@@ -23,6 +23,7 @@ pub mod live;
 pub mod metrics;
 pub mod names;
 pub mod parse;
+pub mod profile_cache;
 pub mod query;
 pub mod render;
 pub mod replay;

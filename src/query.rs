@@ -6,7 +6,7 @@
 
 use crossbeam_channel::{Receiver, Sender};
 use persona_dataflows::{owner, Neighbour, ProfileState, Scored, Strategy};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::Instant;
 use tokio::sync::oneshot;
@@ -52,7 +52,7 @@ pub enum Answer {
     Profile {
         as_of: u64,
         worker: usize,
-        state: Option<Box<ProfileState>>,
+        state: Option<Arc<ProfileState>>,
     },
     /// The user's recommendations at `as_of` (any user: no history means trending items).
     Recommendations {

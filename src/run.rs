@@ -47,6 +47,7 @@ pub fn command(settings: Settings) -> Result<()> {
         tracing::warn!("{warning}");
     }
     let shared = Shared::new(settings, source.path.clone(), dead, triggers, monitor);
+    shared.profiles.enable();
     let erased = shared.load_erasures()?;
     let restored = match &shared.settings.checkpoints {
         Some(c) if kafka => restore_checkpoint(&shared, c)?,
