@@ -5,8 +5,9 @@
 #
 #   scripts/bench-http.sh                       30k users, 300k events of history, 15 s of load
 #   DURATION=30s CONNECTIONS=64 THREADS=1 INGEST=5000 WORKERS=2 scripts/bench-http.sh
-#   RATE=20000 scripts/bench-http.sh            fixed offered load (needs wrk2; plain wrk
-#                                               runs closed-loop, as fast as answers come)
+#   RATE=20000 scripts/bench-http.sh            open loop at a fixed offered load, with oha
+#                                               (installed from crates.io if missing); plain
+#                                               wrk runs closed-loop, as fast as answers come
 #
 # Everything runs on this machine (2 cores): wrk, the engine's workers, its HTTP thread and
 # the log writer share them, so the figures are a floor for a dedicated server.
@@ -27,6 +28,10 @@ mkdir -p "$DIR"
 if ! command -v wrk >/dev/null; then
   sudo_cmd=""; [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq wrk
+fi
+if [[ -n "${RATE:-}" ]] && ! command -v oha >/dev/null; then
+  # oha (crates.io): an open-loop HTTP load generator; Debian has no wrk2.
+  cargo install oha --version 1.16.0 --locked --no-default-features --features native-tls
 fi
 cargo build --release --quiet
 BIN=target/release/persona
@@ -82,6 +87,11 @@ request = function()
   return wrk.format("GET", "/v1/users/u" .. math.random(0, users - 1))
 end
 LUA
+python3 -c "
+import random, sys
+random.seed(1)
+print('\n'.join(f'$base/v1/users/u{random.randrange($USERS)}' for _ in range(100000)))
+" >"$DIR/urls.txt"
 # Warm-up, not measured: the first read of each user waits for its worker (which publishes
 # the profile for the reads after it), and the first seconds after catching up hold the
 # arrangements' large merges.
@@ -89,8 +99,17 @@ wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$DIR/users.lua" "$base" >/dev/
 curl -s -H "Authorization: Bearer $token" "$base/metrics" >"$DIR/metrics-before.txt"
 before=$(curl -s -H "Authorization: Bearer $token" "$base/metrics" | awk '/^persona_events_in_total/ {print $2}')
 start=$(date +%s.%N)
-if [[ -n "${RATE:-}" ]] && command -v wrk2 >/dev/null; then
-  wrk2 -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -R"$RATE" --latency -s "$DIR/users.lua" "$base"
+if [[ -n "${RATE:-}" ]]; then
+  # Open loop: requests are sent on a schedule of RATE a second whatever the answers do, and
+  # each latency counts from its scheduled start (no coordinated omission).
+  # First the floor: the same load on /healthz (no engine work), to show what the generator
+  # sharing the cores adds by itself.
+  echo "== floor: GET /healthz at $RATE/s"
+  oha --no-tui -z "$DURATION" -c "$CONNECTIONS" -q "$RATE" --latency-correction "$base/healthz" |
+    grep -E "Requests/sec|in [0-9.]+ ms" | grep -E "sec|50.00|90.00|99.00|99.90"
+  echo "== GET /v1/users/{id} at $RATE/s"
+  oha --no-tui -z "$DURATION" -c "$CONNECTIONS" -q "$RATE" --latency-correction \
+    -H "Authorization: Bearer $token" --urls-from-file "$DIR/urls.txt"
 else
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$DIR/users.lua" "$base"
 fi | tee "$DIR/wrk.out"

@@ -119,6 +119,7 @@ mod tests {
             max_headers: 64,
             header_timeout_ms: 10_000,
             tls: None,
+            threads: 1,
         }
     }
 

@@ -330,6 +330,9 @@ pub struct HttpConfig {
     /// PEM certificate chain and private key: both set serves HTTPS instead of HTTP.
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    /// Threads of the HTTP runtime: with more than one, a thread the OS has descheduled does
+    /// not hold up the connections of the others.
+    pub threads: usize,
 }
 
 impl Default for HttpConfig {
@@ -343,6 +346,7 @@ impl Default for HttpConfig {
             header_timeout: "10s".into(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            threads: 2,
         }
     }
 }
@@ -357,6 +361,7 @@ pub struct HttpSettings {
     pub header_timeout_ms: u64,
     /// (certificate chain, private key) PEM files, when HTTPS is on.
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub threads: usize,
 }
 
 /// `[cluster]`: the processes of a multi-process cluster (timely's own cluster mode). Empty
@@ -762,12 +767,16 @@ fn http_settings(h: &HttpConfig) -> Result<HttpSettings> {
     if h.max_uri_bytes < 64 || h.max_headers == 0 {
         bail!("http.max_uri_bytes must be at least 64 and http.max_headers at least 1");
     }
+    if h.threads == 0 || h.threads > 256 {
+        bail!("http.threads = {} must be between 1 and 256", h.threads);
+    }
     Ok(HttpSettings {
         read_token: token("read_token", &h.read_token)?,
         admin_token: token("admin_token", &h.admin_token)?,
         max_uri_bytes: h.max_uri_bytes,
         max_headers: h.max_headers,
         header_timeout_ms: duration_ms("http.header_timeout", &h.header_timeout)?.max(1),
+        threads: h.threads,
         tls: match (
             h.tls_cert.as_os_str().is_empty(),
             h.tls_key.as_os_str().is_empty(),

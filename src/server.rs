@@ -28,10 +28,20 @@ impl Server {
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let addr = std_listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the HTTP runtime")?;
+        let threads = shared.settings.http.threads;
+        let runtime = if threads > 1 {
+            // The "http" thread drives the listener; these share the connections with it.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("http-worker")
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        .context("cannot start the HTTP runtime")?;
         let thread = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
