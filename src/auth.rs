@@ -3,6 +3,10 @@
 //! Two scopes: reads (GET) and admin (erasure). The admin token also passes reads. A scope
 //! with no token configured is open; `persona run` warns about it at start. Tokens are
 //! compared in constant time and never logged.
+//!
+//! Reads also accept the token from a `persona_token` cookie, because the dashboard's
+//! EventSource cannot send an `Authorization` header. Admin requests never do: a cookie is
+//! sent by the browser on its own, so it must not be able to erase anyone.
 
 use crate::config::HttpSettings;
 use hyper::header::HeaderValue;
@@ -79,6 +83,17 @@ pub fn check(
 fn same(a: &str, b: &str) -> u8 {
     let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
     digest(a).as_ref().ct_eq(digest(b).as_ref()).unwrap_u8()
+}
+
+/// The cookie that carries a read token for the dashboard.
+pub const COOKIE: &str = "persona_token";
+
+/// The `persona_token` value of a `Cookie` header, if it has one.
+pub fn cookie_token(cookie: &HeaderValue) -> Option<&str> {
+    cookie.to_str().ok()?.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name.trim() == COOKIE).then(|| value.trim().trim_matches('"'))
+    })
 }
 
 /// The token a process sends with its own `method` requests to the other processes of its
@@ -166,5 +181,14 @@ mod tests {
             (1, 0, 0)
         );
         assert!(warnings(&both, "x").is_empty());
+    }
+
+    #[test]
+    fn the_token_cookie_is_found_among_others() {
+        let c = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(cookie_token(&c("persona_token=ab+/=")), Some("ab+/="));
+        assert_eq!(cookie_token(&c("a=1; persona_token=t; b=2")), Some("t"));
+        assert_eq!(cookie_token(&c("persona_token2=t; x=persona_token")), None);
+        assert_eq!(cookie_token(&c("a=1")), None);
     }
 }

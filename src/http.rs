@@ -596,12 +596,23 @@ fn refuse(req: &Request<Incoming>, segments: &[&str], shared: &Arc<Shared>) -> O
     }
     let scope = crate::auth::scope(req.method(), segments);
     let header = req.headers().get(hyper::header::AUTHORIZATION);
+    // Reads only: the dashboard's token cookie (see `crate::auth`).
+    let from_cookie = (header.is_none() && scope == crate::auth::Scope::Read)
+        .then(|| {
+            req.headers()
+                .get_all(hyper::header::COOKIE)
+                .iter()
+                .find_map(crate::auth::cookie_token)
+                .and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        })
+        .flatten();
+    let header = header.or(from_cookie.as_ref());
     let (status, code, message) = match crate::auth::check(limits, scope, header) {
         Ok(()) => return None,
         Err(crate::auth::Refusal::Missing) => (
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "this endpoint needs an Authorization: Bearer token",
+            "this endpoint needs an Authorization: Bearer token (reads: or a persona_token cookie)",
         ),
         Err(crate::auth::Refusal::Invalid) => (
             StatusCode::UNAUTHORIZED,

@@ -102,6 +102,21 @@ fn tokens_guard_reads_and_erasure() {
     assert_eq!(p.call("GET", "/metrics", None).0, 401);
     assert_eq!(profile(&p, "u1", t).0, 200);
     assert_eq!(p.call("GET", "/v1/users/u1", Some(ADMIN)).0, 200);
+    // The dashboard's cookie passes reads, never an erasure.
+    let cookie = |method: &str, path: &str, token: &str| match ureq::request(
+        method,
+        &format!("{}{path}", p.base),
+    )
+    .set("Cookie", &format!("theme=dark; persona_token={token}"))
+    .call()
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(cookie("GET", "/v1/status", READ), 200);
+    assert_eq!(cookie("GET", "/v1/status", "nope"), 401);
+    assert_eq!(cookie("DELETE", "/v1/users/u1", ADMIN), 401);
     // Probes and the API description stay open.
     assert_eq!(p.get("/healthz").0, 200);
     let (status, spec, _) = p.get("/openapi.json");

@@ -46,6 +46,11 @@ impl std::ops::Deref for Engine {
 impl Engine {
     /// Starts the engine; `segments` is a `[segments]` table body, `None` keeps the defaults.
     fn start(stream_buffer: usize, segments: Option<&str>) -> Engine {
+        Engine::start_with_token(stream_buffer, segments, "")
+    }
+
+    /// As `start`, with `http.read_token` set.
+    fn start_with_token(stream_buffer: usize, segments: Option<&str>, token: &str) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let events = dir.path().join("events.jsonl");
         let catalog = dir.path().join("catalog.jsonl");
@@ -56,7 +61,7 @@ impl Engine {
         let mut toml = format!(
             "[engine]\nworkers = 2\ntick = \"20ms\"\n\n\
              [source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n\n\
+             [http]\nlisten = \"127.0.0.1:0\"\nread_token = {token:?}\n\n\
              [triggers]\nsink = \"file\"\npath = {:?}\nstream_buffer = {stream_buffer}\n",
             events.display().to_string(),
             catalog.display().to_string(),
@@ -823,6 +828,7 @@ const PAGE_STATE: &str = r#"(() => {
     segments: all('#segments .segment[data-segment]').map((e) => e.dataset.segment),
     triggers: all('#triggers li').map((e) => e.dataset.change + ' ' + e.dataset.segment),
     clock: q('#status-clock') && q('#status-clock').textContent,
+    token_form: !!q('#token-form') && !q('#token-form').hidden,
     rate: q('#status-rate') && q('#status-rate').textContent,
     profile_events: document.body && document.body.dataset.profileEvents,
     segment_events: document.body && document.body.dataset.segmentEvents,
@@ -884,13 +890,22 @@ fn artifacts_dir() -> PathBuf {
 
 #[test]
 fn dashboard_shows_live_changes_in_headless_chromium() {
-    let engine = Engine::start(256, None);
+    // With a read token: the page asks for it and keeps it in a cookie, which its EventSource
+    // and fetches then carry.
+    let engine = Engine::start_with_token(256, None, "dash-token");
     let chromium = Chromium::launch();
     let mut cdp = Cdp::connect(&chromium.page_websocket());
     cdp.call("Runtime.enable", json!({}));
     cdp.call(
         "Page.navigate",
         json!({"url": format!("{}/?user=u1", engine.base)}),
+    );
+    wait_for_page(&mut cdp, &engine, "the token field after a 401", |s| {
+        s["token_form"] == true && s["stream"] != "live"
+    });
+    cdp.eval(
+        "document.querySelector('#token-input').value = 'dash-token'; \
+         document.querySelector('#token-form').requestSubmit(); true",
     );
 
     // Subscribed at once from ?user=, and told u1 has no events yet.
@@ -925,6 +940,7 @@ fn dashboard_shows_live_changes_in_headless_chromium() {
         wait_for_page(&mut cdp, &engine, "the engine clock", has_clock)
     };
     assert_eq!(shown["stream"], "live", "{shown:#}");
+    assert_eq!(shown["token_form"], false, "{shown:#}");
     assert!(
         !cdp.page_log.iter().any(|l| l.starts_with("exception")),
         "the page threw:\n{}",
