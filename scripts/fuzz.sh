@@ -28,8 +28,13 @@ if [[ -n "${FUZZ_DEV:-}" ]]; then
   export CARGO_PROFILE_DEV_DEBUG=line-tables-only
 fi
 cd fuzz
-cargo "${toolchain[@]}" fuzz build "${build[@]}" --target-dir ../target/fuzz 2>&1 | tail -1
 log=$(mktemp)
+if ! cargo "${toolchain[@]}" fuzz build "${build[@]}" --target-dir ../target/fuzz >"$log" 2>&1; then
+  grep -E -A12 "^error" "$log" >&2 || tail -40 "$log" >&2
+  echo "the fuzz targets do not build" >&2
+  exit 1
+fi
+tail -1 "$log"
 for t in "${targets[@]}"; do
   echo "== fuzz $t for ${seconds}s"
   if ! cargo "${toolchain[@]}" fuzz run "${build[@]}" --target-dir ../target/fuzz "$t" -- \

@@ -1338,26 +1338,20 @@ fn watch_changes(
             .probe_with(&watched);
     }
     // A profile changes with its basics (every event) and its features (windows moving).
-    let on_change = changed(shared.clone(), publisher.clone());
-    views
-        .basics
-        .stream
-        .clone()
-        .inspect(move |batch| {
-            let mut last = None;
-            for_each_update!(batch, |user, _, t, _| on_change(user, t, &mut last));
-        })
-        .probe_with(&watched);
-    let on_change = changed(shared.clone(), publisher.clone());
-    views
-        .features
-        .stream
-        .clone()
-        .inspect(move |batch| {
-            let mut last = None;
-            for_each_update!(batch, |user, _, t, _| on_change(user, t, &mut last));
-        })
-        .probe_with(&watched);
+    macro_rules! watch_users {
+        ($stream:expr) => {{
+            let on_change = changed(shared.clone(), publisher.clone());
+            $stream
+                .clone()
+                .inspect(move |batch| {
+                    let mut last = None;
+                    for_each_update!(batch, |user, _, t, _| on_change(user, t, &mut last));
+                })
+                .probe_with(&watched);
+        }};
+    }
+    watch_users!(views.basics.stream);
+    watch_users!(views.features.stream);
     (publisher, watched)
 }
 
