@@ -41,7 +41,7 @@ const HEADER: usize = 8 + 4 + 8 + 8;
 const KEEP: usize = 2;
 
 /// A Kafka partition's next offset to read.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Position {
     pub topic: String,
     pub partition: i32,
@@ -267,6 +267,13 @@ impl Store {
     }
 }
 
+/// Positions in a fixed order: workers note theirs in any order.
+fn sorted(positions: &[Position]) -> Vec<Position> {
+    let mut p = positions.to_vec();
+    p.sort();
+    p
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -296,6 +303,17 @@ struct Round {
     copied: usize,
     /// Opened after an erasure was taken in: older checkpoints are deleted once it is written.
     after_erasure: bool,
+    /// Nothing was read since the last checkpoint written: this round copies and writes nothing.
+    skipped: bool,
+}
+
+/// What the writer thread needs: the id strings to write, and where to count and log.
+pub struct WriterSetup {
+    pub names: Names,
+    pub kinds: ControlKinds,
+    pub metrics: Metrics,
+    /// Nice value of the writer thread (`engine.worker_nice`).
+    pub nice: i32,
 }
 
 /// Takes checkpoints every `every`, across the workers of the process (see the module doc).
@@ -313,6 +331,9 @@ pub struct Coordinator {
     /// An erasure since the last round: take one now, and delete every older one.
     erased: AtomicBool,
     writer: crossbeam_channel::Sender<(Checkpoint, bool)>,
+    /// The sorted positions of the newest checkpoint on disk (written or restored). A round
+    /// that notes the same ones would write the same records again: an idle engine skips it.
+    written: Arc<Mutex<Option<Vec<Position>>>>,
 }
 
 impl Coordinator {
@@ -321,22 +342,32 @@ impl Coordinator {
         store: Arc<Store>,
         every: Duration,
         workers: usize,
-        names: Names,
-        kinds: ControlKinds,
-        metrics: Metrics,
+        writer: WriterSetup,
+        restored: Option<&Checkpoint>,
     ) -> Result<Coordinator> {
+        let WriterSetup {
+            names,
+            kinds,
+            metrics,
+            nice,
+        } = writer;
         let (writer, jobs) = crossbeam_channel::bounded::<(Checkpoint, bool)>(1);
+        let written = Arc::new(Mutex::new(restored.map(|c| sorted(&c.positions))));
+        let on_disk = written.clone();
         let writing = Arc::new(AtomicBool::new(false));
         let busy = writing.clone();
         let s = store.clone();
         std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
+                crate::engine::lower_priority(nice, "checkpoint-writer");
                 for (mut c, only_newest) in jobs {
                     let started = Instant::now();
                     c.name_ids(&names, kinds);
                     match s.write(&c, only_newest) {
                         Ok((path, bytes)) => {
+                            *on_disk.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(sorted(&c.positions));
                             metrics.checkpoint_written(bytes as u64);
                             tracing::info!(
                                 path = %path.display(),
@@ -366,6 +397,7 @@ impl Coordinator {
             writing,
             erased: AtomicBool::new(false),
             writer,
+            written,
         })
     }
 
@@ -414,11 +446,30 @@ impl Coordinator {
         if turn.noted < open {
             turn.noted = open;
             let p = positions();
-            self.round().checkpoint.positions.extend(p);
+            let mut round = self.round();
+            round.checkpoint.positions.extend(p);
+            // The last worker to note decides before the copies can start (they wait for
+            // `noted` to reach `workers`).
+            if self.noted.load(Ordering::Acquire) + 1 == self.workers && !round.after_erasure {
+                let noted = sorted(&round.checkpoint.positions);
+                let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+                round.skipped = written.as_ref() == Some(&noted);
+            }
+            let skipped = round.skipped;
+            drop(round);
             self.noted.fetch_add(1, Ordering::AcqRel);
+            if skipped {
+                // Closed after the count is complete: a new round resets the count only once
+                // this one is closed.
+                self.open.store(0, Ordering::Release);
+                return;
+            }
         }
         if turn.copied < open && self.noted.load(Ordering::Acquire) == self.workers {
             turn.copied = open;
+            if self.round().skipped {
+                return;
+            }
             let part = part();
             let mut round = self.round();
             let c = &mut round.checkpoint;
@@ -484,6 +535,101 @@ mod tests {
         let mut other = bytes;
         other[8] = 99;
         assert!(decode(&other).unwrap_err().to_string().contains("version"));
+    }
+
+    /// Two workers polling `c` until a round ends; each notes `positions[w]`. Returns how many
+    /// checkpoints are on disk once the writer is done.
+    fn round(c: &Coordinator, turns: &mut [Turn; 2], positions: &[Vec<Position>; 2]) -> usize {
+        std::thread::sleep(Duration::from_millis(2)); // past `every`
+        let before = c.round().id;
+        for pass in 0.. {
+            if c.round().id > before && c.open.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            assert!(pass < 10, "the round does not end");
+            for (w, turn) in turns.iter_mut().enumerate() {
+                c.poll(
+                    w,
+                    turn,
+                    || positions[w].clone(),
+                    || Part {
+                        clock: 1,
+                        max_ts: 1,
+                        records: sample().records,
+                        catalog: vec![],
+                    },
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.writing.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        c.store.list().unwrap().len()
+    }
+
+    fn seqs(store: &Store) -> Vec<u64> {
+        store.list().unwrap().iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn an_idle_engine_writes_no_new_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = |restored: Option<&Checkpoint>| {
+            let store = Arc::new(Store::new(dir.path().join("ck")));
+            Coordinator::start(
+                store,
+                Duration::from_millis(1),
+                2,
+                WriterSetup {
+                    names: Names::default(),
+                    kinds: ControlKinds {
+                        erasure: 1,
+                        consent: 2,
+                    },
+                    metrics: Metrics::default(),
+                    nice: 0,
+                },
+                restored,
+            )
+            .unwrap()
+        };
+        let at = |p: i32, next: i64| Position {
+            topic: "events".into(),
+            partition: p,
+            next,
+        };
+        let c = start(None);
+        let mut turns = [Turn::default(), Turn::default()];
+        let mut positions = [vec![at(0, 10)], vec![at(1, 20)]];
+        assert_eq!(round(&c, &mut turns, &positions), 1, "the first is written");
+        assert_eq!(round(&c, &mut turns, &positions), 1, "nothing read since");
+        // The same positions noted by the other worker first are still the same.
+        positions.swap(0, 1);
+        assert_eq!(round(&c, &mut turns, &positions), 1);
+        assert_eq!(seqs(&c.store), vec![1]);
+        positions[0][0].next = 11;
+        assert_eq!(round(&c, &mut turns, &positions), 2, "a message was read");
+        assert_eq!(seqs(&c.store), vec![2, 1]);
+        assert_eq!(round(&c, &mut turns, &positions), 2);
+        // An erasure is always taken in at once, and drops every older checkpoint.
+        c.erased();
+        assert_eq!(round(&c, &mut turns, &positions), 1);
+        assert_eq!(seqs(&c.store), vec![3]);
+
+        // A restart from the newest, with nothing new to read, writes nothing either...
+        let (_, newest) = c.store.load().unwrap().unwrap();
+        drop(c);
+        let c = start(Some(&newest));
+        let mut turns = [Turn::default(), Turn::default()];
+        assert_eq!(round(&c, &mut turns, &positions), 1);
+        assert_eq!(seqs(&c.store), vec![3]);
+        // ...and one started without it (a stale restore) writes a new one.
+        drop(c);
+        let c = start(None);
+        let mut turns = [Turn::default(), Turn::default()];
+        assert_eq!(round(&c, &mut turns, &positions), 2);
+        assert_eq!(seqs(&c.store), vec![4, 3]);
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub struct EngineConfig {
     /// Where checkpoints are written ("": none; a restart re-reads Kafka from the beginning).
     pub checkpoint_dir: PathBuf,
     pub checkpoint_every: String,
+    /// Nice value of the worker threads (0..=19): above 0, the HTTP threads win the CPU when
+    /// both want it, so reads stay fast while the workers run a long step.
+    pub worker_nice: i32,
 }
 
 impl Default for EngineConfig {
@@ -133,6 +136,7 @@ impl Default for EngineConfig {
             erasure_log: "erasures.jsonl".into(),
             checkpoint_dir: PathBuf::new(),
             checkpoint_every: "1m".into(),
+            worker_nice: 0,
         }
     }
 }
@@ -490,6 +494,8 @@ pub struct Window {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub workers: usize,
+    /// Nice value the worker threads set for themselves (0: unchanged).
+    pub worker_nice: i32,
     pub clock: ClockMode,
     pub tick_ms: u64,
     pub windows: Vec<Window>,
@@ -844,8 +850,15 @@ impl Settings {
         }
         let labels: Vec<&str> = windows.iter().map(|w| w.label.as_str()).collect();
         let segments_compiled = segments(config, &labels)?;
+        if !(0..=19).contains(&e.worker_nice) {
+            bail!(
+                "engine.worker_nice = {} must be between 0 (unchanged) and 19 (lowest priority)",
+                e.worker_nice
+            );
+        }
         Ok(Settings {
             workers: e.workers,
+            worker_nice: e.worker_nice,
             clock: e.clock,
             tick_ms,
             windows,
@@ -1044,6 +1057,21 @@ mod tests {
         std::fs::write(&path, "[engine]\nwindowz = []\n").unwrap();
         let err = Config::load(Some(&path), Vec::new()).unwrap_err();
         assert!(format!("{err:#}").contains("windowz"), "{err:#}");
+    }
+
+    #[test]
+    fn worker_nice_is_a_nice_value_that_only_lowers_priority() {
+        let mut c = Config::default();
+        for (nice, ok) in [(-1, false), (0, true), (19, true), (20, false)] {
+            c.engine.worker_nice = nice;
+            match Settings::from_config(&c) {
+                Ok(s) => assert!(ok && s.worker_nice == nice, "{nice} accepted"),
+                Err(e) => assert!(
+                    !ok && format!("{e:#}").contains("engine.worker_nice"),
+                    "{nice}: {e:#}"
+                ),
+            }
+        }
     }
 
     #[test]

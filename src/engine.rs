@@ -189,6 +189,16 @@ impl Shared {
         Ok(n)
     }
 
+    /// The erasures loaded at start: user hash → the latest `through_ms`.
+    pub fn erased_users(&self) -> std::collections::HashMap<u64, u64> {
+        let mut users = std::collections::HashMap::new();
+        for e in self.erased.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let through = users.entry(e.user_hash).or_insert(e.through_ms);
+            *through = (*through).max(e.through_ms);
+        }
+        users
+    }
+
     /// The engine clock every worker has completed (`None` before the first time completes).
     pub fn clock(&self) -> Option<u64> {
         self.workers
@@ -249,6 +259,7 @@ pub fn start(
     );
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
+        lower_priority(shared.settings.worker_nice, "worker");
         let result =
             run_worker(worker, &shared, &mode, dump.as_ref()).map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
@@ -262,6 +273,28 @@ pub fn start(
     })
     .map_err(|e| anyhow!("cannot start workers: {e}"))?;
     Ok(guards)
+}
+
+/// Gives the calling thread nice value `nice` (0: leaves it alone), so that it yields the CPU
+/// to the HTTP threads; a failure is logged, never fatal. Linux keeps a nice value per thread.
+pub fn lower_priority(nice: i32, thread: &str) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain system calls on the calling thread's own id.
+        let done = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+        };
+        if done != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(thread, nice, "cannot lower the thread's priority: {e}");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    tracing::warn!(thread, nice, "engine.worker_nice is only applied on Linux");
 }
 
 /// Waits for every worker and gathers their errors into one.

@@ -108,6 +108,7 @@ fn restore_checkpoint(
 ) -> Result<String> {
     let store = Arc::new(crate::checkpoint::Store::new(settings.dir.clone()));
     let loaded = store.load()?;
+    let mut restored = None;
     let said = match loaded {
         Some((path, c)) => {
             for (h, s) in &c.names {
@@ -122,7 +123,9 @@ fn restore_checkpoint(
                 "resuming from checkpoint"
             );
             let said = format!("{} ({} records)", path.display(), c.records.len());
-            *shared.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(c));
+            let c = Arc::new(c);
+            *shared.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+            restored = Some(c);
             said
         }
         None => format!(
@@ -130,14 +133,83 @@ fn restore_checkpoint(
             settings.dir.display()
         ),
     };
+    // A crash between an erasure and the checkpoint after it leaves the user in the newest
+    // one: replace it (and every older one) at once, as right after a `DELETE`.
+    let stale = restored
+        .as_deref()
+        .is_some_and(|c| holds_erased(c, &shared.erased_users(), shared.controls));
     let coordinator = crate::checkpoint::Coordinator::start(
         store,
         std::time::Duration::from_millis(settings.every_ms),
         shared.workers.len(),
-        shared.names.clone(),
-        shared.controls,
-        shared.metrics.clone(),
+        crate::checkpoint::WriterSetup {
+            names: shared.names.clone(),
+            kinds: shared.controls,
+            metrics: shared.metrics.clone(),
+            nice: shared.settings.worker_nice,
+        },
+        restored.as_deref().filter(|_| !stale),
     )?;
+    if stale {
+        tracing::warn!("the checkpoint holds events of an erased user; replacing it now");
+        coordinator.erased();
+    }
     let _ = shared.checkpoints.set(coordinator);
     Ok(said)
+}
+
+/// Whether `c` holds an event that an erasure in `erased` (user → through) removes.
+fn holds_erased(
+    c: &crate::checkpoint::Checkpoint,
+    erased: &std::collections::HashMap<u64, u64>,
+    kinds: persona_dataflows::ControlKinds,
+) -> bool {
+    !erased.is_empty()
+        && c.records.iter().any(|e| {
+            !kinds.is_control(e) && erased.get(&e.user).is_some_and(|&through| e.ts <= through)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use persona_dataflows::{ControlKinds, Event};
+
+    #[test]
+    fn a_checkpoint_holding_an_erased_users_events_is_stale() {
+        let kinds = ControlKinds {
+            erasure: 100,
+            consent: 101,
+        };
+        let event = |user, ts, kind| Event {
+            ts,
+            user,
+            id: ts,
+            kind,
+            item: persona_dataflows::NO_ITEM,
+            value_bits: 0,
+            device: None,
+        };
+        let c = crate::checkpoint::Checkpoint {
+            // u1's events at 10 and 20, and the control record of u2's erasure through 50.
+            records: vec![
+                event(1, 10, 7),
+                event(1, 20, 7),
+                event(2, 50, kinds.erasure),
+            ],
+            ..Default::default()
+        };
+        let erased = |pairs: &[(u64, u64)]| pairs.iter().copied().collect();
+        assert!(!holds_erased(&c, &erased(&[]), kinds));
+        assert!(
+            !holds_erased(&c, &erased(&[(2, 50)]), kinds),
+            "u2's are gone"
+        );
+        assert!(
+            !holds_erased(&c, &erased(&[(1, 9)]), kinds),
+            "later events stay"
+        );
+        assert!(holds_erased(&c, &erased(&[(1, 10)]), kinds));
+        assert!(holds_erased(&c, &erased(&[(2, 50), (1, 30)]), kinds));
+    }
 }

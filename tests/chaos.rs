@@ -172,7 +172,7 @@ fn erasure_reaches_the_checkpoints_and_survives_a_restart() {
     assert!(written(&engine) > 0);
 
     kill(&mut engine);
-    let engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
+    let mut engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
     assert!(engine.log_contains("resuming from checkpoint"));
     engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
     assert_eq!(engine.get(&format!("/v1/users/{user}")).0, 404);
@@ -186,6 +186,31 @@ fn erasure_reaches_the_checkpoints_and_survives_a_restart() {
     engine.wait_for(10, "every partition's position in the status", |e| {
         positions(e, "read_position") == total + 1
     });
+
+    // Death between an erasure and its checkpoint: the erasure is in the log (appended before
+    // the answer), and the newest checkpoint still holds the user. The restart replaces it.
+    let other = "bob";
+    assert!(checkpoints(dir.path()).iter().any(|p| contains(p, other)));
+    kill(&mut engine);
+    let record = format!(
+        "{{\"user_hash\":\"{:016x}\",\"through_ms\":1800000000000,\"requested_at_ms\":1}}\n",
+        xxhash_rust::xxh3::xxh3_64(other.as_bytes())
+    );
+    let log = dir.path().join("erasures.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str(&record);
+    std::fs::write(&log, text).unwrap();
+    let engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
+    assert!(engine.log_contains("resuming from checkpoint"));
+    engine.wait_for(30, "the stale checkpoint noticed", |e| {
+        e.log_contains("the checkpoint holds events of an erased user")
+    });
+    engine.wait_for(30, "no checkpoint naming the other user", |_| {
+        let files = checkpoints(dir.path());
+        !files.is_empty() && !files.iter().any(|f| contains(f, other))
+    });
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    assert_eq!(engine.get(&format!("/v1/users/{other}")).0, 404);
 }
 
 fn contains(path: &Path, needle: &str) -> bool {

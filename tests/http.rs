@@ -35,6 +35,11 @@ impl std::ops::Deref for Engine {
 
 impl Engine {
     fn start(initial: &[String]) -> Engine {
+        Engine::start_with(initial, &[])
+    }
+
+    /// With extra environment variables for `persona run`.
+    fn start_with(initial: &[String], env: &[(&str, &str)]) -> Engine {
         let dir = tempfile::tempdir().unwrap();
         let events = dir.path().join("events.jsonl");
         let catalog = dir.path().join("catalog.jsonl");
@@ -59,6 +64,7 @@ impl Engine {
         .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_persona"));
         cmd.args(["run", "--config"]).arg(&config);
+        cmd.envs(env.iter().copied());
         let engine = Engine {
             process: spawn_listening(cmd),
             _dir: Some(dir),
@@ -88,8 +94,57 @@ fn event(id: &str, user: &str, kind: &str, ts: u64, item: Option<&str>) -> Strin
     v.to_string()
 }
 
+/// The complete lines of a file the engine may be appending to: a last line without its
+/// newline is still being written.
 fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+    let mut text = std::fs::read_to_string(path).unwrap_or_default();
+    text.truncate(text.rfind('\n').map_or(0, |end| end + 1));
+    text
+}
+
+/// The name and nice value of every thread of process `pid`, from `/proc`.
+#[cfg(target_os = "linux")]
+fn threads_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // After the parenthesised name: state is field 3, nice is field 19.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if let Some(nice) = rest.split(' ').nth(16).and_then(|n| n.parse().ok()) {
+            found.push((name.trim().to_string(), nice));
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn worker_nice_lowers_the_workers_and_not_the_http_threads() {
+    let t = now_ms() - 60_000;
+    let engine = Engine::start_with(
+        &[event("e1", "u1", "page_view", t, None)],
+        &[("PERSONA_ENGINE_WORKER_NICE", "7")],
+    );
+    engine.wait_for(30, "u1", |e| e.get("/v1/users/u1").0 == 200);
+    let threads = threads_nice(engine.child.id());
+    let nice_of = |prefix: &str| -> Vec<i64> {
+        threads
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, n)| *n)
+            .collect()
+    };
+    assert_eq!(nice_of("timely:work"), vec![7, 7], "{threads:?}");
+    let http = nice_of("http");
+    assert!(!http.is_empty(), "{threads:?}");
+    assert!(http.iter().all(|&n| n == 0), "{threads:?}");
 }
 
 #[test]
