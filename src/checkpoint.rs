@@ -14,6 +14,8 @@
 //! positions its state reflects (messages entered at complete times); once every worker has,
 //! each copies its gate state. A copy taken after a position was noted holds every record below
 //! it, and may hold later ones, which are de-duplicated when they are read again after a restart.
+//! A round whose noted positions equal those of the newest checkpoint on disk ends there: the
+//! copy would hold the same records, so an idle engine writes nothing.
 //!
 //! File: magic, format version, payload length and xxh3-64 checksum, then the bincode payload.
 //! Written to a temporary file, fsynced, renamed into place, directory fsynced. The newest two are
