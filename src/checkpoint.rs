@@ -450,16 +450,16 @@ impl Coordinator {
             let p = positions();
             let mut round = self.round();
             round.checkpoint.positions.extend(p);
-            // The last worker to note decides before the copies can start (they wait for
-            // `noted` to reach `workers`).
-            if self.noted.load(Ordering::Acquire) + 1 == self.workers && !round.after_erasure {
+            // Counted under the lock, so exactly one worker is last, and it decides before any
+            // copy reads `skipped` (copies wait for the count, then take the lock).
+            let last = self.noted.fetch_add(1, Ordering::AcqRel) + 1 == self.workers;
+            if last && !round.after_erasure {
                 let noted = sorted(&round.checkpoint.positions);
                 let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
                 round.skipped = written.as_ref() == Some(&noted);
             }
             let skipped = round.skipped;
             drop(round);
-            self.noted.fetch_add(1, Ordering::AcqRel);
             if skipped {
                 // Closed after the count is complete: a new round resets the count only once
                 // this one is closed.
