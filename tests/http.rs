@@ -16,7 +16,7 @@ fn now_ms() -> u64 {
 
 mod support;
 
-use support::process::{spawn_listening, Process};
+use support::process::{complete_lines, spawn_listening, Process};
 
 /// `persona run` on a followed log in a temporary directory.
 struct Engine {
@@ -92,14 +92,6 @@ fn event(id: &str, user: &str, kind: &str, ts: u64, item: Option<&str>) -> Strin
         v["item_id"] = i.into();
     }
     v.to_string()
-}
-
-/// The complete lines of a file the engine may be appending to: a last line without its
-/// newline is still being written.
-fn read(path: &Path) -> String {
-    let mut text = std::fs::read_to_string(path).unwrap_or_default();
-    text.truncate(text.rfind('\n').map_or(0, |end| end + 1));
-    text
 }
 
 /// The name and nice value of every thread of process `pid`, from `/proc`.
@@ -246,9 +238,10 @@ fn run_serves_profiles_follows_the_log_and_reports_errors() {
 
     // The bad line is a dead letter, counted in metrics and status.
     engine.wait_for(30, "the dead letter", |_| {
-        read(&engine.dead).contains("invalid_json")
+        complete_lines(&engine.dead).contains("invalid_json")
     });
-    let dead: Value = serde_json::from_str(read(&engine.dead).lines().next().unwrap()).unwrap();
+    let dead: Value =
+        serde_json::from_str(complete_lines(&engine.dead).lines().next().unwrap()).unwrap();
     assert!(
         dead["source"].as_str().unwrap().ends_with("events.jsonl:7"),
         "{dead}"
@@ -398,7 +391,7 @@ fn no_command_serves_the_bundled_sample() {
         dead: PathBuf::new(),
     };
     engine.wait_for(30, "readiness", |e| e.get("/readyz").0 == 200);
-    let sample = read(&engine.events);
+    let sample = complete_lines(&engine.events);
     let otto0 = sample
         .lines()
         .filter(|l| l.contains("\"user_id\":\"otto-0\""))

@@ -95,12 +95,9 @@ impl Engine {
         f.write_all(text.as_bytes()).unwrap();
     }
 
-    /// The trigger records of `user` in the triggers file, in file order. The engine may be
-    /// mid-write, so a last line without its newline is not read yet.
+    /// The trigger records of `user` in the triggers file, in file order.
     fn triggers_of(&self, user: &str) -> Vec<Value> {
-        let text = std::fs::read_to_string(&self.triggers).unwrap_or_default();
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-        complete
+        support::process::complete_lines(&self.triggers)
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).expect("a trigger line is JSON"))
             .filter(|t| t["user_id"] == user)

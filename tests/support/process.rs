@@ -155,3 +155,11 @@ impl Drop for Process {
         }
     }
 }
+
+/// The complete lines of a file the engine may be appending to: a read can see part of a
+/// concurrent write, so a last line without its newline is not read yet. Empty if absent.
+pub fn complete_lines(path: &std::path::Path) -> String {
+    let mut text = std::fs::read_to_string(path).unwrap_or_default();
+    text.truncate(text.rfind('\n').map_or(0, |end| end + 1));
+    text
+}
