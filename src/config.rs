@@ -302,6 +302,9 @@ pub struct StrategyConfig {
     pub exclude_seen: bool,
     /// Do recommend the recent items the user came back to, even with `exclude_seen`.
     pub returned: bool,
+    /// Fill a list shorter than asked with the user's recent items (largest weight first),
+    /// before the trending lists, even with `exclude_seen`.
+    pub fill_recent: bool,
     /// Candidates in the user's categories score up to `1 + category_boost` times higher.
     pub category_boost: f64,
 }
@@ -312,6 +315,7 @@ impl Default for StrategyConfig {
             kind: "item_item".into(),
             exclude_seen: true,
             returned: false,
+            fill_recent: false,
             category_boost: 0.5,
         }
     }
@@ -627,6 +631,7 @@ impl RecommendSettings {
                     kind,
                     exclude_seen: s.exclude_seen,
                     returned: s.returned,
+                    fill_recent: s.fill_recent,
                     category_boost: s.category_boost,
                 },
             );

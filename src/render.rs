@@ -145,6 +145,7 @@ pub fn reason(reason: &Reason, names: &Names) -> String {
     match reason {
         Reason::Similar(item) => format!("viewed together with {}", names.name(*item)),
         Reason::Returned => "you came back to it".to_string(),
+        Reason::Recent => "you looked at it recently".to_string(),
         Reason::Popular(Some(category)) => format!("popular in {}", names.name(*category)),
         Reason::Popular(None) => "popular now".to_string(),
     }

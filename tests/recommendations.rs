@@ -39,6 +39,7 @@ fn params(strategy: &str) -> Params {
         popular_size: 4,
         exclude_seen: true,
         returned: strategy == "returned",
+        fill_recent: strategy == "fill",
         boost: 0.5,
     }
 }
@@ -59,6 +60,13 @@ fn settings(workers: usize) -> Settings {
         "returned".into(),
         StrategyConfig {
             returned: true,
+            ..StrategyConfig::default()
+        },
+    );
+    r.strategies.insert(
+        "fill".into(),
+        StrategyConfig {
+            fill_recent: true,
             ..StrategyConfig::default()
         },
     );
@@ -257,6 +265,7 @@ proptest! {
         }
         check(&case.events, &case.catalog, 2, "popular");
         check(&case.events, &case.catalog, 2, "returned");
+        check(&case.events, &case.catalog, 2, "fill");
     }
 }
 
@@ -295,4 +304,19 @@ fn purchases_are_excluded_and_cold_start_gets_trending_items() {
     assert_eq!(items("nobody"), ["shoe-1", "shoe-2", "hat-1"]);
     assert!(served["nobody"].1.iter().all(|i| i.2 == "popular now"));
     check(&events, &catalog, 2, "item_item");
+    // fill_recent: c's short list gets the shoe c looked at, never the one c bought (whose
+    // neighbour hat-1 is).
+    let (served, _) = serve(&events, &catalog, 2, "fill");
+    let c: Vec<(&str, &str)> = served["c"]
+        .1
+        .iter()
+        .map(|i| (i.0.as_str(), i.2.as_str()))
+        .collect();
+    assert_eq!(
+        c,
+        [
+            ("hat-1", "viewed together with shoe-2"),
+            ("shoe-1", "you looked at it recently")
+        ]
+    );
 }

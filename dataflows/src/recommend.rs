@@ -18,7 +18,9 @@
 //! they returned to. With a category boost `b`, a candidate whose catalog category holds
 //! share `s` of the user's categorised item events scores `score · (1 + b·s)`. Purchased items,
 //! and with `exclude_seen` the recent items, are never returned. Lists shorter than asked are
-//! filled from the trending list of the user's top category, then from the overall one.
+//! filled, with `fill_recent`, from the user's recent items (strongest touch first: on session
+//! logs the next touch is often a re-touch), then from the trending list of the user's top
+//! category, then from the overall one.
 
 use crate::event::{NameOrder, Time, UserKey};
 use crate::interactions::{self, Affinity, InteractionConfig};
@@ -126,6 +128,8 @@ pub struct Strategy {
     pub exclude_seen: bool,
     /// Recommend the recent items the user came back to (item-item only).
     pub returned: bool,
+    /// Fill a short list with the user's recent items before the trending lists.
+    pub fill_recent: bool,
     pub category_boost: f64,
 }
 
@@ -136,6 +140,8 @@ pub enum Reason {
     Similar(u64),
     /// A recent item the user came back to.
     Returned,
+    /// One of the user's recent items, filling a short list.
+    Recent,
     /// Trending in this category (`None`: overall).
     Popular(Option<u64>),
 }
@@ -280,6 +286,7 @@ impl RecommendTraces {
         let returns = strategy.returned && strategy.kind == StrategyKind::ItemItem;
         let mut recent: Vec<(u64, u32, bool)> = Vec::new();
         let mut excluded: Vec<u64> = Vec::new();
+        let mut purchased: Vec<u64> = Vec::new();
         for (a, _) in values_at(&mut self.affinity, &UserKey(user), as_of)? {
             match a {
                 Affinity::Recent {
@@ -292,10 +299,14 @@ impl RecommendTraces {
                         excluded.push(item);
                     }
                 }
-                Affinity::Purchased(item) => excluded.push(item),
+                Affinity::Purchased(item) => {
+                    excluded.push(item);
+                    purchased.push(item);
+                }
             }
         }
         excluded.sort_unstable();
+        purchased.sort_unstable();
         let is_excluded = |item: u64| excluded.binary_search(&item).is_ok();
         let mut out: Vec<Scored> = Vec::new();
         if strategy.kind == StrategyKind::ItemItem {
@@ -348,6 +359,22 @@ impl RecommendTraces {
                     .then_with(|| names(a.item, b.item))
             });
             out.truncate(limit);
+        }
+        if out.len() < limit && strategy.fill_recent {
+            let mut fill: Vec<&(u64, u32, bool)> = recent
+                .iter()
+                .filter(|(item, _, _)| {
+                    purchased.binary_search(item).is_err() && !out.iter().any(|s| s.item == *item)
+                })
+                .collect();
+            fill.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| names(a.0, b.0)));
+            for (item, weight, _) in fill.into_iter().take(limit - out.len()) {
+                out.push(Scored {
+                    item: *item,
+                    score: f64::from(*weight) / 1000.0,
+                    reason: Reason::Recent,
+                });
+            }
         }
         if out.len() < limit {
             let mut lists: Vec<Option<u64>> = Vec::new();

@@ -15,6 +15,8 @@ pub struct Params {
     pub exclude_seen: bool,
     /// Recommend recent items touched in two or more events, with similarity 1 to themselves.
     pub returned: bool,
+    /// Fill a short list with the recent items (largest weight first) before trending ones.
+    pub fill_recent: bool,
     pub boost: f64,
 }
 
@@ -190,6 +192,26 @@ impl<'a> Model<'a> {
             }
             out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             out.truncate(limit);
+        }
+        if self.p.fill_recent {
+            let purchased: BTreeSet<&str> = self
+                .events
+                .iter()
+                .filter(|e| e.user == user && e.kind == "purchase")
+                .filter_map(|e| e.item.as_deref())
+                .collect();
+            let mut fill: Vec<(&String, u32)> = recent.iter().map(|(i, (w, _))| (i, *w)).collect();
+            fill.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            for (item, w) in fill {
+                if out.len() >= limit {
+                    break;
+                }
+                if purchased.contains(item.as_str()) || out.iter().any(|o| &o.0 == item) {
+                    continue;
+                }
+                let reason = "you looked at it recently".to_string();
+                out.push((item.clone(), f64::from(w) / 1000.0, reason));
+            }
         }
         let mut lists: Vec<Option<&str>> = Vec::new();
         if !popular_only {
