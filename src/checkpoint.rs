@@ -15,7 +15,8 @@
 //! each copies its gate state. A copy taken after a position was noted holds every record below
 //! it, and may hold later ones, which are de-duplicated when they are read again after a restart.
 //! A round whose noted positions equal those of the newest checkpoint on disk ends there: the
-//! copy would hold the same records, so an idle engine writes nothing.
+//! copy would hold the same records, so an idle engine writes nothing. A graceful stop takes one
+//! last round ([`Coordinator::close`]), so a restart after it reads nothing again.
 //!
 //! File: magic, format version, payload length and xxh3-64 checksum, then the bincode payload.
 //! Written to a temporary file, fsynced, renamed into place, directory fsynced. The newest two are
@@ -336,6 +337,10 @@ pub struct Coordinator {
     /// The sorted positions of the newest checkpoint on disk (written or restored). A round
     /// that notes the same ones would write the same records again: an idle engine skips it.
     written: Arc<Mutex<Option<Vec<Position>>>>,
+    /// The engine is stopping: open one more round now, the last.
+    closing: AtomicBool,
+    /// The id of that last round (0: not opened yet).
+    last_round: AtomicU64,
 }
 
 impl Coordinator {
@@ -400,6 +405,8 @@ impl Coordinator {
             erased: AtomicBool::new(false),
             writer,
             written,
+            closing: AtomicBool::new(false),
+            last_round: AtomicU64::new(0),
         })
     }
 
@@ -416,6 +423,29 @@ impl Coordinator {
         self.erased.store(true, Ordering::Release);
     }
 
+    /// The engine is stopping: the next round opens at once and is the last, so a restart
+    /// resumes from where the engine stopped rather than from the last periodic checkpoint.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// The last round has ended: it was handed to the writer (or had nothing new).
+    pub fn closed(&self) -> bool {
+        self.last_round.load(Ordering::Acquire) != 0 && self.open.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits up to `limit` for the writer to finish the checkpoint it holds; false on timeout.
+    pub fn wait_written(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.writing.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
     /// Called by worker `local` between steps. `positions` gives the Kafka positions its state
     /// reflects; `part` copies its state. Either is called at most once per round.
     pub fn poll(
@@ -427,8 +457,10 @@ impl Coordinator {
     ) {
         if local == 0 && self.open.load(Ordering::Acquire) == 0 {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            let last_due = self.closing.load(Ordering::Acquire)
+                && self.last_round.load(Ordering::Acquire) == 0;
             let due = last.elapsed() >= self.every || self.erased.load(Ordering::Acquire);
-            if due && !self.writing.load(Ordering::Acquire) {
+            if (due || last_due) && !self.writing.load(Ordering::Acquire) {
                 *last = Instant::now();
                 let mut round = self.round();
                 let id = round.id + 1;
@@ -439,6 +471,10 @@ impl Coordinator {
                 };
                 self.noted.store(0, Ordering::Release);
                 self.open.store(id, Ordering::Release);
+                // After the round is open, so that `closed` cannot see it before it opened.
+                if last_due {
+                    self.last_round.store(id, Ordering::Release);
+                }
             }
         }
         let open = self.open.load(Ordering::Acquire);
@@ -570,6 +606,68 @@ mod tests {
         c.store.list().unwrap().len()
     }
 
+    /// A coordinator of two workers writing to `dir/ck`.
+    fn coordinator(dir: &Path, every: Duration, restored: Option<&Checkpoint>) -> Coordinator {
+        let store = Arc::new(Store::new(dir.join("ck")));
+        let setup = WriterSetup {
+            names: Names::default(),
+            kinds: ControlKinds {
+                erasure: 1,
+                consent: 2,
+            },
+            metrics: Metrics::default(),
+            nice: 0,
+        };
+        Coordinator::start(store, every, 2, setup, restored).unwrap()
+    }
+
+    fn at(partition: i32, next: i64) -> Position {
+        Position {
+            topic: "events".into(),
+            partition,
+            next,
+        }
+    }
+
+    #[test]
+    fn a_stop_takes_one_last_checkpoint_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path(), Duration::from_secs(3600), None);
+        let mut turns = [Turn::default(), Turn::default()];
+        let positions = [vec![at(0, 7)], vec![at(1, 9)]];
+        let poll = |c: &Coordinator, turns: &mut [Turn; 2]| {
+            for (w, turn) in turns.iter_mut().enumerate() {
+                c.poll(
+                    w,
+                    turn,
+                    || positions[w].clone(),
+                    || Part {
+                        clock: 1,
+                        max_ts: 1,
+                        records: sample().records,
+                        catalog: vec![],
+                    },
+                );
+            }
+        };
+        for _ in 0..3 {
+            poll(&c, &mut turns);
+        }
+        assert!(c.store.list().unwrap().is_empty(), "not due for an hour");
+        c.close();
+        assert!(!c.closed(), "the last round has not run yet");
+        for pass in 0.. {
+            assert!(pass < 10, "the last round does not end");
+            poll(&c, &mut turns);
+            if c.closed() {
+                break;
+            }
+        }
+        assert!(c.wait_written(Duration::from_secs(10)));
+        let (_, written) = c.store.load().unwrap().expect("the last checkpoint");
+        assert_eq!(sorted(&written.positions), vec![at(0, 7), at(1, 9)]);
+    }
+
     fn seqs(store: &Store) -> Vec<u64> {
         store.list().unwrap().iter().map(|(s, _)| *s).collect()
     }
@@ -577,30 +675,7 @@ mod tests {
     #[test]
     fn an_idle_engine_writes_no_new_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let start = |restored: Option<&Checkpoint>| {
-            let store = Arc::new(Store::new(dir.path().join("ck")));
-            Coordinator::start(
-                store,
-                Duration::from_millis(1),
-                2,
-                WriterSetup {
-                    names: Names::default(),
-                    kinds: ControlKinds {
-                        erasure: 1,
-                        consent: 2,
-                    },
-                    metrics: Metrics::default(),
-                    nice: 0,
-                },
-                restored,
-            )
-            .unwrap()
-        };
-        let at = |p: i32, next: i64| Position {
-            topic: "events".into(),
-            partition: p,
-            next,
-        };
+        let start = |restored| coordinator(dir.path(), Duration::from_millis(1), restored);
         let c = start(None);
         let mut turns = [Turn::default(), Turn::default()];
         let mut positions = [vec![at(0, 10)], vec![at(1, 20)]];

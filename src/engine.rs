@@ -800,6 +800,18 @@ fn run_worker(
 
     loop {
         if shared.stopping() {
+            if let (Some(coordinator), Feed::Kafka(reader)) = (shared.checkpoints.get(), &feed) {
+                last_checkpoint(
+                    coordinator,
+                    reader,
+                    local,
+                    &mut turn,
+                    clock,
+                    &gate,
+                    &catalog,
+                    shared,
+                );
+            }
             break;
         }
         // 1. Read a bounded batch of this worker's records.
@@ -1014,19 +1026,16 @@ fn run_worker(
             }
         }
         if let (Some(coordinator), Feed::Kafka(reader)) = (shared.checkpoints.get(), &feed) {
-            if reader.connected() {
-                coordinator.poll(
-                    local,
-                    &mut turn,
-                    || reader.reflected_positions(),
-                    || crate::checkpoint::Part {
-                        clock,
-                        max_ts: shared.max_ts.load(Ordering::Acquire),
-                        records: gate.records(shared.controls),
-                        catalog: catalog.entries(&settings.kafka.catalog_topic),
-                    },
-                );
-            }
+            poll_checkpoint(
+                coordinator,
+                reader,
+                local,
+                &mut turn,
+                clock,
+                &gate,
+                &catalog,
+                shared,
+            );
         }
         if index == 0 {
             if let Some(c) = shared.clock() {
@@ -1146,6 +1155,76 @@ fn run_worker(
     Ok(())
 }
 
+/// This worker's part in the checkpoint rounds (see [`crate::checkpoint::Coordinator::poll`]).
+#[allow(clippy::too_many_arguments)]
+fn poll_checkpoint(
+    coordinator: &crate::checkpoint::Coordinator,
+    reader: &kafka::Reader,
+    local: usize,
+    turn: &mut crate::checkpoint::Turn,
+    clock: Time,
+    gate: &persona_dataflows::GateState,
+    catalog: &Catalog,
+    shared: &Shared,
+) {
+    if reader.connected() {
+        coordinator.poll(
+            local,
+            turn,
+            || reader.reflected_positions(),
+            || crate::checkpoint::Part {
+                clock,
+                max_ts: shared.max_ts.load(Ordering::Acquire),
+                records: gate.records(shared.controls),
+                catalog: catalog.entries(&shared.settings.kafka.catalog_topic),
+            },
+        );
+    }
+}
+
+/// How long a stopping worker waits for the other workers' shares of the last checkpoint.
+const LAST_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
+
+/// On a graceful stop: takes part in one last checkpoint round, so that a restart resumes from
+/// here. A worker that never arrives (it failed) only delays the stop by
+/// [`LAST_CHECKPOINT_WAIT`]; the checkpoints before stay valid.
+#[allow(clippy::too_many_arguments)]
+fn last_checkpoint(
+    coordinator: &crate::checkpoint::Coordinator,
+    reader: &kafka::Reader,
+    local: usize,
+    turn: &mut crate::checkpoint::Turn,
+    clock: Time,
+    gate: &persona_dataflows::GateState,
+    catalog: &Catalog,
+    shared: &Shared,
+) {
+    if !reader.connected() || crate::cluster::peer_lost() {
+        return;
+    }
+    coordinator.close();
+    let deadline = Instant::now() + LAST_CHECKPOINT_WAIT;
+    while !coordinator.closed() {
+        if Instant::now() >= deadline {
+            if local == 0 {
+                tracing::warn!("no last checkpoint: not every worker took part in time");
+            }
+            return;
+        }
+        poll_checkpoint(
+            coordinator,
+            reader,
+            local,
+            turn,
+            clock,
+            gate,
+            catalog,
+            shared,
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Feeds this worker's share of checkpoint `c`: every `peers`-th record (the exchanges route
 /// them to their owners), and the catalog entries of the partitions this worker reads.
 #[allow(clippy::too_many_arguments)]
@@ -1161,8 +1240,10 @@ fn restore_share(
     shared: &Shared,
 ) {
     if clock_mode == ClockMode::Event {
+        // Fed just below the restored clock, which the inputs then pass: the restored state is
+        // complete, so readable, at once. At the clock itself it would wait for a later ts.
+        inputs.advance_to(c.clock.saturating_sub(1).max(*clock));
         *clock = (*clock).max(c.clock);
-        inputs.advance_to(*clock);
     }
     for e in c.records.iter().skip(index).step_by(peers.max(1)) {
         if shared.controls.is_control(e) {
@@ -1180,6 +1261,9 @@ fn restore_share(
                 input.update((entry.item, entry.category), 1);
             }
         }
+    }
+    if clock_mode == ClockMode::Event {
+        inputs.advance_to(*clock);
     }
     let done = shared.restored.fetch_add(1, Ordering::AcqRel) + 1;
     if done == shared.workers.len() {

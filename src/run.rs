@@ -91,6 +91,13 @@ pub fn command(settings: Settings) -> Result<()> {
     }
     let result = engine::join(guards);
     shared.shutdown();
+    if let Some(c) = shared.checkpoints.get() {
+        if !c.wait_written(LAST_CHECKPOINT_WRITE) {
+            tracing::warn!(
+                "stopping before the last checkpoint was written; the one before it stays"
+            );
+        }
+    }
     server.join();
     shared.dead.flush();
     shared.live.flush();
@@ -99,6 +106,9 @@ pub fn command(settings: Settings) -> Result<()> {
     }
     result
 }
+
+/// How long a graceful stop waits for the last checkpoint to reach the disk.
+const LAST_CHECKPOINT_WRITE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Loads the newest valid checkpoint for the workers to start from, and starts taking new ones.
 /// Returns what the start line says about it.
