@@ -575,6 +575,23 @@ mod tests {
         assert!(decode(&other).unwrap_err().to_string().contains("version"));
     }
 
+    /// One poll by each of the two workers; worker `w` notes `positions[w]`.
+    fn poll_all(c: &Coordinator, turns: &mut [Turn; 2], positions: &[Vec<Position>; 2]) {
+        for (w, turn) in turns.iter_mut().enumerate() {
+            c.poll(
+                w,
+                turn,
+                || positions[w].clone(),
+                || Part {
+                    clock: 1,
+                    max_ts: 1,
+                    records: sample().records,
+                    catalog: vec![],
+                },
+            );
+        }
+    }
+
     /// Two workers polling `c` until a round ends; each notes `positions[w]`. Returns how many
     /// checkpoints are on disk once the writer is done.
     fn round(c: &Coordinator, turns: &mut [Turn; 2], positions: &[Vec<Position>; 2]) -> usize {
@@ -585,19 +602,7 @@ mod tests {
                 break;
             }
             assert!(pass < 10, "the round does not end");
-            for (w, turn) in turns.iter_mut().enumerate() {
-                c.poll(
-                    w,
-                    turn,
-                    || positions[w].clone(),
-                    || Part {
-                        clock: 1,
-                        max_ts: 1,
-                        records: sample().records,
-                        catalog: vec![],
-                    },
-                );
-            }
+            poll_all(c, turns, positions);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while c.writing.load(Ordering::Acquire) && Instant::now() < deadline {
@@ -635,30 +640,15 @@ mod tests {
         let c = coordinator(dir.path(), Duration::from_secs(3600), None);
         let mut turns = [Turn::default(), Turn::default()];
         let positions = [vec![at(0, 7)], vec![at(1, 9)]];
-        let poll = |c: &Coordinator, turns: &mut [Turn; 2]| {
-            for (w, turn) in turns.iter_mut().enumerate() {
-                c.poll(
-                    w,
-                    turn,
-                    || positions[w].clone(),
-                    || Part {
-                        clock: 1,
-                        max_ts: 1,
-                        records: sample().records,
-                        catalog: vec![],
-                    },
-                );
-            }
-        };
         for _ in 0..3 {
-            poll(&c, &mut turns);
+            poll_all(&c, &mut turns, &positions);
         }
         assert!(c.store.list().unwrap().is_empty(), "not due for an hour");
         c.close();
         assert!(!c.closed(), "the last round has not run yet");
         for pass in 0.. {
             assert!(pass < 10, "the last round does not end");
-            poll(&c, &mut turns);
+            poll_all(&c, &mut turns, &positions);
             if c.closed() {
                 break;
             }

@@ -801,16 +801,18 @@ fn run_worker(
     loop {
         if shared.stopping() {
             if let (Some(coordinator), Feed::Kafka(reader)) = (shared.checkpoints.get(), &feed) {
-                last_checkpoint(
-                    coordinator,
-                    reader,
-                    local,
-                    &mut turn,
-                    clock,
-                    &gate,
-                    &catalog,
-                    shared,
-                );
+                last_checkpoint(coordinator, reader.connected(), local, || {
+                    poll_checkpoint(
+                        coordinator,
+                        reader,
+                        local,
+                        &mut turn,
+                        clock,
+                        &gate,
+                        &catalog,
+                        shared,
+                    )
+                });
             }
             break;
         }
@@ -1185,21 +1187,16 @@ fn poll_checkpoint(
 /// How long a stopping worker waits for the other workers' shares of the last checkpoint.
 const LAST_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 
-/// On a graceful stop: takes part in one last checkpoint round, so that a restart resumes from
-/// here. A worker that never arrives (it failed) only delays the stop by
-/// [`LAST_CHECKPOINT_WAIT`]; the checkpoints before stay valid.
-#[allow(clippy::too_many_arguments)]
+/// On a graceful stop: takes part in one last checkpoint round (`poll`: this worker's turn),
+/// so that a restart resumes from here. A worker that never arrives (it failed) only delays
+/// the stop by [`LAST_CHECKPOINT_WAIT`]; the checkpoints before stay valid.
 fn last_checkpoint(
     coordinator: &crate::checkpoint::Coordinator,
-    reader: &kafka::Reader,
+    connected: bool,
     local: usize,
-    turn: &mut crate::checkpoint::Turn,
-    clock: Time,
-    gate: &persona_dataflows::GateState,
-    catalog: &Catalog,
-    shared: &Shared,
+    mut poll: impl FnMut(),
 ) {
-    if !reader.connected() || crate::cluster::peer_lost() {
+    if !connected || crate::cluster::peer_lost() {
         return;
     }
     coordinator.close();
@@ -1211,16 +1208,7 @@ fn last_checkpoint(
             }
             return;
         }
-        poll_checkpoint(
-            coordinator,
-            reader,
-            local,
-            turn,
-            clock,
-            gate,
-            catalog,
-            shared,
-        );
+        poll();
         std::thread::sleep(Duration::from_millis(1));
     }
 }

@@ -126,27 +126,10 @@ fn sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice() {
 #[test]
 fn erasure_reaches_the_checkpoints_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (events, catalog) = make_log(dir.path());
-    let broker = Broker::memory();
-    create_topics(&broker);
-    produce(&broker.addr, CATALOG, &catalog);
-    produce(&broker.addr, EVENTS, &events);
+    let (broker, total) = broker_with_log(dir.path());
     let engine_config = engine_lines(dir.path());
     let mut engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
-    let total = (lines(&events).len() + lines(&catalog).len()) as i64;
-    engine.wait_for(60, "every message read", |e| {
-        positions(e, "read_position") == total
-    });
-    // Under the event clock the newest time completes only once a later ts arrives.
-    let last = dir.path().join("last.jsonl");
-    write_lines(
-        &last,
-        &[
-            r#"{"event_id":"zz-last","user_id":"zz-last","type":"page_view","ts":1800000000000}"#
-                .to_string(),
-        ],
-    );
-    produce(&broker.addr, EVENTS, &last);
+    read_all_and_complete(&engine, dir.path(), &broker, total);
     // A user of the golden log.
     let user = "alice";
     engine.wait_for(60, "the user's profile", |e| {
@@ -213,6 +196,39 @@ fn erasure_reaches_the_checkpoints_and_survives_a_restart() {
     assert_eq!(engine.get(&format!("/v1/users/{other}")).0, 404);
 }
 
+/// An in-memory broker holding the test log; returns it and its number of messages.
+fn broker_with_log(dir: &Path) -> (Broker, i64) {
+    let (events, catalog) = make_log(dir);
+    let broker = Broker::memory();
+    create_topics(&broker);
+    produce(&broker.addr, CATALOG, &catalog);
+    produce(&broker.addr, EVENTS, &events);
+    let total = (lines(&events).len() + lines(&catalog).len()) as i64;
+    (broker, total)
+}
+
+/// Waits until the engine has read all `total` messages, then sends an event with a later ts:
+/// under the event clock the newest time completes only once a later ts arrives.
+fn read_all_and_complete(
+    engine: &support::process::Process,
+    dir: &Path,
+    broker: &Broker,
+    total: i64,
+) {
+    engine.wait_for(60, "every message read", |e| {
+        positions(e, "read_position") == total
+    });
+    let last = dir.join("last.jsonl");
+    write_lines(
+        &last,
+        &[
+            r#"{"event_id":"zz-last","user_id":"zz-last","type":"page_view","ts":1800000000000}"#
+                .to_string(),
+        ],
+    );
+    produce(&broker.addr, EVENTS, &last);
+}
+
 fn contains(path: &Path, needle: &str) -> bool {
     std::fs::read(path)
         .map(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
@@ -224,30 +240,13 @@ fn contains(path: &Path, needle: &str) -> bool {
 #[test]
 fn a_graceful_stop_takes_a_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let (events, catalog) = make_log(dir.path());
-    let broker = Broker::memory();
-    create_topics(&broker);
-    produce(&broker.addr, CATALOG, &catalog);
-    produce(&broker.addr, EVENTS, &events);
+    let (broker, total) = broker_with_log(dir.path());
     let engine_config = format!(
         "checkpoint_every = \"1h\"\ncheckpoint_dir = {:?}\n",
         checkpoint_dir(dir.path()).display().to_string()
     );
     let mut engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
-    let total = (lines(&events).len() + lines(&catalog).len()) as i64;
-    engine.wait_for(60, "every message read", |e| {
-        positions(e, "read_position") == total
-    });
-    // Under the event clock the newest time completes only once a later ts arrives.
-    let last = dir.path().join("last.jsonl");
-    write_lines(
-        &last,
-        &[
-            r#"{"event_id":"zz-last","user_id":"zz-last","type":"page_view","ts":1800000000000}"#
-                .to_string(),
-        ],
-    );
-    produce(&broker.addr, EVENTS, &last);
+    read_all_and_complete(&engine, dir.path(), &broker, total);
     engine.wait_for(60, "every message reflected in the state", |e| {
         positions(e, "position") >= total
     });
