@@ -319,6 +319,9 @@ pub struct WriterSetup {
     pub nice: i32,
 }
 
+/// The newest checkpoint on disk: its sorted positions and its file.
+type Newest = (Vec<Position>, PathBuf);
+
 /// Takes checkpoints every `every`, across the workers of the process (see the module doc).
 pub struct Coordinator {
     store: Arc<Store>,
@@ -334,9 +337,10 @@ pub struct Coordinator {
     /// An erasure since the last round: take one now, and delete every older one.
     erased: AtomicBool,
     writer: crossbeam_channel::Sender<(Checkpoint, bool)>,
-    /// The sorted positions of the newest checkpoint on disk (written or restored). A round
-    /// that notes the same ones would write the same records again: an idle engine skips it.
-    written: Arc<Mutex<Option<Vec<Position>>>>,
+    /// The newest checkpoint written or restored: its sorted positions and its file. A round
+    /// that notes the same positions would write the same records again: an idle engine skips
+    /// it, unless the file is gone (the directory was emptied by hand).
+    written: Arc<Mutex<Option<Newest>>>,
     /// The engine is stopping: open one more round now, the last.
     closing: AtomicBool,
     /// The id of that last round (0: not opened yet).
@@ -350,7 +354,7 @@ impl Coordinator {
         every: Duration,
         workers: usize,
         writer: WriterSetup,
-        restored: Option<&Checkpoint>,
+        restored: Option<(&Path, &Checkpoint)>,
     ) -> Result<Coordinator> {
         let WriterSetup {
             names,
@@ -359,7 +363,9 @@ impl Coordinator {
             nice,
         } = writer;
         let (writer, jobs) = crossbeam_channel::bounded::<(Checkpoint, bool)>(1);
-        let written = Arc::new(Mutex::new(restored.map(|c| sorted(&c.positions))));
+        let written = Arc::new(Mutex::new(
+            restored.map(|(path, c)| (sorted(&c.positions), path.to_path_buf())),
+        ));
         let on_disk = written.clone();
         let writing = Arc::new(AtomicBool::new(false));
         let busy = writing.clone();
@@ -374,7 +380,7 @@ impl Coordinator {
                     match s.write(&c, only_newest) {
                         Ok((path, bytes)) => {
                             *on_disk.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(sorted(&c.positions));
+                                Some((sorted(&c.positions), path.clone()));
                             metrics.checkpoint_written(bytes as u64);
                             tracing::info!(
                                 path = %path.display(),
@@ -492,7 +498,9 @@ impl Coordinator {
             if last && !round.after_erasure {
                 let noted = sorted(&round.checkpoint.positions);
                 let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-                round.skipped = written.as_ref() == Some(&noted);
+                round.skipped = written
+                    .as_ref()
+                    .is_some_and(|(positions, path)| *positions == noted && path.is_file());
             }
             let skipped = round.skipped;
             drop(round);
@@ -612,7 +620,11 @@ mod tests {
     }
 
     /// A coordinator of two workers writing to `dir/ck`.
-    fn coordinator(dir: &Path, every: Duration, restored: Option<&Checkpoint>) -> Coordinator {
+    fn coordinator(
+        dir: &Path,
+        every: Duration,
+        restored: Option<(&Path, &Checkpoint)>,
+    ) -> Coordinator {
         let store = Arc::new(Store::new(dir.join("ck")));
         let setup = WriterSetup {
             names: Names::default(),
@@ -685,9 +697,9 @@ mod tests {
         assert_eq!(seqs(&c.store), vec![3]);
 
         // A restart from the newest, with nothing new to read, writes nothing either...
-        let (_, newest) = c.store.load().unwrap().unwrap();
+        let (newest_path, newest) = c.store.load().unwrap().unwrap();
         drop(c);
-        let c = start(Some(&newest));
+        let c = start(Some((&newest_path, &newest)));
         let mut turns = [Turn::default(), Turn::default()];
         assert_eq!(round(&c, &mut turns, &positions), 1);
         assert_eq!(seqs(&c.store), vec![3]);
@@ -697,6 +709,10 @@ mod tests {
         let mut turns = [Turn::default(), Turn::default()];
         assert_eq!(round(&c, &mut turns, &positions), 2);
         assert_eq!(seqs(&c.store), vec![4, 3]);
+        // The directory emptied by hand: the idle engine writes one again.
+        std::fs::remove_dir_all(c.store.dir()).unwrap();
+        assert_eq!(round(&c, &mut turns, &positions), 1);
+        assert_eq!(seqs(&c.store), vec![1]);
     }
 
     #[test]

@@ -135,7 +135,7 @@ fn restore_checkpoint(
             let said = format!("{} ({} records)", path.display(), c.records.len());
             let c = Arc::new(c);
             *shared.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-            restored = Some(c);
+            restored = Some((path, c));
             said
         }
         None => format!(
@@ -146,8 +146,8 @@ fn restore_checkpoint(
     // A crash between an erasure and the checkpoint after it leaves the user in the newest
     // one: replace it (and every older one) at once, as right after a `DELETE`.
     let stale = restored
-        .as_deref()
-        .is_some_and(|c| holds_erased(c, &shared.erased_users(), shared.controls));
+        .as_ref()
+        .is_some_and(|(_, c)| holds_erased(c, &shared.erased_users(), shared.controls));
     let coordinator = crate::checkpoint::Coordinator::start(
         store,
         std::time::Duration::from_millis(settings.every_ms),
@@ -158,7 +158,10 @@ fn restore_checkpoint(
             metrics: shared.metrics.clone(),
             nice: shared.settings.worker_nice,
         },
-        restored.as_deref().filter(|_| !stale),
+        restored
+            .as_ref()
+            .filter(|_| !stale)
+            .map(|(path, c)| (path.as_path(), &**c)),
     )?;
     if stale {
         tracing::warn!("the checkpoint holds events of an erased user; replacing it now");
