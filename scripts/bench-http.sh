@@ -4,10 +4,14 @@
 # wrk's requests/s and latency percentiles, then the ingest rate the engine kept up with.
 #
 #   scripts/bench-http.sh                       30k users, 300k events of history, 15 s of load
-#   DURATION=30s CONNECTIONS=64 THREADS=1 INGEST=5000 WORKERS=2 scripts/bench-http.sh
+#   DURATION=30s CONNECTIONS=64 THREADS=1 INGEST=5000 WORKERS=2 HTTP_THREADS=1 scripts/bench-http.sh
 #   RATE=20000 scripts/bench-http.sh            open loop at a fixed offered load, with oha
 #                                               (installed from crates.io if missing); plain
 #                                               wrk runs closed-loop, as fast as answers come
+#   WORKER_CPUS=0 HTTP_CPUS=1 scripts/bench-http.sh
+#                                               engine.worker_cpus / http.cpus: the workers
+#                                               (and the log writer) on CPU 0, the HTTP threads
+#                                               and the load generator on CPU 1
 #
 # Everything runs on this machine (2 cores): wrk, the engine's workers, its HTTP thread and
 # the log writer share them, so the figures are a floor for a dedicated server.
@@ -22,6 +26,14 @@ CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 INGEST=${INGEST:-2000}
 WORKERS=${WORKERS:-2}
+WORKER_CPUS=${WORKER_CPUS:-}
+HTTP_CPUS=${HTTP_CPUS:-}
+# The load generator runs where the HTTP threads do (GEN_CPUS: elsewhere, "" = anywhere), the
+# log writer where the workers do.
+GEN_CPUS=${GEN_CPUS-$HTTP_CPUS}
+gen=(); writer_cpu=()
+[[ -n "$GEN_CPUS" ]] && gen=(taskset -c "$GEN_CPUS")
+[[ -n "$WORKER_CPUS" ]] && writer_cpu=(taskset -c "$WORKER_CPUS")
 DIR=target/bench/http
 mkdir -p "$DIR"
 
@@ -48,6 +60,8 @@ PERSONA_ENGINE_WORKERS=$WORKERS PERSONA_HTTP_LISTEN=127.0.0.1:0 PERSONA_HTTP_REA
   PERSONA_SOURCE_PATH="$DIR/events.jsonl" PERSONA_SOURCE_CATALOG_PATH="$DIR/catalog.jsonl" \
   PERSONA_SOURCE_DEAD_LETTER_PATH="$DIR/dead.jsonl" PERSONA_TRIGGERS_SINK=none \
   PERSONA_ENGINE_ERASURE_LOG="$DIR/erasures.jsonl" RUST_LOG=warn,persona=info \
+  PERSONA_ENGINE_WORKER_CPUS="[$WORKER_CPUS]" PERSONA_HTTP_CPUS="[$HTTP_CPUS]" \
+  PERSONA_HTTP_THREADS=${HTTP_THREADS:-${PERSONA_HTTP_THREADS:-2}} \
   "$BIN" run 2>"$DIR/persona.log" &
 pid=$!
 writer=
@@ -67,7 +81,7 @@ done
 echo "persona ($WORKERS workers) ready at $base with $EVENTS events of $USERS users"
 
 # Ingest: append INGEST lines a second, in tenths of a second.
-python3 - "$DIR/live-src.jsonl" "$DIR/events.jsonl" "$INGEST" <<'PY' &
+${writer_cpu[@]+"${writer_cpu[@]}"} python3 - "$DIR/live-src.jsonl" "$DIR/events.jsonl" "$INGEST" <<'PY' &
 import sys, time
 src, dst, rate = sys.argv[1], sys.argv[2], int(sys.argv[3])
 lines = open(src).readlines()
@@ -95,7 +109,7 @@ print('\n'.join(f'$base/v1/users/u{random.randrange($USERS)}' for _ in range(100
 # Warm-up, not measured: the first read of each user waits for its worker (which publishes
 # the profile for the reads after it), and the first seconds after catching up hold the
 # arrangements' large merges.
-wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$DIR/users.lua" "$base" >/dev/null
+${gen[@]+"${gen[@]}"} wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$DIR/users.lua" "$base" >/dev/null
 curl -s -H "Authorization: Bearer $token" "$base/metrics" >"$DIR/metrics-before.txt"
 before=$(curl -s -H "Authorization: Bearer $token" "$base/metrics" | awk '/^persona_events_in_total/ {print $2}')
 start=$(date +%s.%N)
@@ -105,13 +119,13 @@ if [[ -n "${RATE:-}" ]]; then
   # First the floor: the same load on /healthz (no engine work), to show what the generator
   # sharing the cores adds by itself.
   echo "== floor: GET /healthz at $RATE/s"
-  oha --no-tui -z "$DURATION" -c "$CONNECTIONS" -q "$RATE" --latency-correction "$base/healthz" |
+  ${gen[@]+"${gen[@]}"} oha --no-tui -z "$DURATION" -c "$CONNECTIONS" -q "$RATE" --latency-correction "$base/healthz" |
     grep -E "Requests/sec|in [0-9.]+ ms" | grep -E "sec|50.00|90.00|99.00|99.90"
   echo "== GET /v1/users/{id} at $RATE/s"
-  oha --no-tui -z "$DURATION" -c "$CONNECTIONS" -q "$RATE" --latency-correction \
+  ${gen[@]+"${gen[@]}"} oha --no-tui -z "$DURATION" -c "$CONNECTIONS" -q "$RATE" --latency-correction \
     -H "Authorization: Bearer $token" --urls-from-file "$DIR/urls.txt"
 else
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$DIR/users.lua" "$base"
+  ${gen[@]+"${gen[@]}"} wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$DIR/users.lua" "$base"
 fi | tee "$DIR/wrk.out"
 end=$(date +%s.%N)
 after=$(curl -s -H "Authorization: Bearer $token" "$base/metrics" | awk '/^persona_events_in_total/ {print $2}')

@@ -135,6 +135,7 @@ mod tests {
             header_timeout_ms: 10_000,
             tls: None,
             threads: 1,
+            cpus: Vec::new(),
         }
     }
 

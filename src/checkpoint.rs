@@ -317,6 +317,8 @@ pub struct WriterSetup {
     pub metrics: Metrics,
     /// Nice value of the writer thread (`engine.worker_nice`).
     pub nice: i32,
+    /// CPUs of the writer thread (`engine.worker_cpus`).
+    pub cpus: Vec<usize>,
 }
 
 /// The newest checkpoint on disk: its sorted positions and its file.
@@ -361,6 +363,7 @@ impl Coordinator {
             kinds,
             metrics,
             nice,
+            cpus,
         } = writer;
         let (writer, jobs) = crossbeam_channel::bounded::<(Checkpoint, bool)>(1);
         let written = Arc::new(Mutex::new(
@@ -374,6 +377,7 @@ impl Coordinator {
             .name("checkpoint-writer".into())
             .spawn(move || {
                 crate::engine::lower_priority(nice, "checkpoint-writer");
+                crate::affinity::pin_current(&cpus, "checkpoint-writer");
                 for (mut c, only_newest) in jobs {
                     let started = Instant::now();
                     c.name_ids(&names, kinds);
@@ -634,6 +638,7 @@ mod tests {
             },
             metrics: Metrics::default(),
             nice: 0,
+            cpus: Vec::new(),
         };
         Coordinator::start(store, every, 2, setup, restored).unwrap()
     }

@@ -110,6 +110,9 @@ pub struct EngineConfig {
     /// Nice value of the worker threads (0..=19): above 0, the HTTP threads win the CPU when
     /// both want it, so reads stay fast while the workers run a long step.
     pub worker_nice: i32,
+    /// CPUs the worker threads and the checkpoint writer run on (empty: any), so that CPUs
+    /// left out (`http.cpus`) stay free for reads.
+    pub worker_cpus: Vec<usize>,
 }
 
 impl Default for EngineConfig {
@@ -137,6 +140,7 @@ impl Default for EngineConfig {
             checkpoint_dir: PathBuf::new(),
             checkpoint_every: "1m".into(),
             worker_nice: 0,
+            worker_cpus: Vec::new(),
         }
     }
 }
@@ -341,6 +345,8 @@ pub struct HttpConfig {
     /// Threads of the HTTP runtime: with more than one, a thread the OS has descheduled does
     /// not hold up the connections of the others.
     pub threads: usize,
+    /// CPUs the HTTP threads run on (empty: any).
+    pub cpus: Vec<usize>,
 }
 
 impl Default for HttpConfig {
@@ -355,6 +361,7 @@ impl Default for HttpConfig {
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             threads: 2,
+            cpus: Vec::new(),
         }
     }
 }
@@ -370,6 +377,8 @@ pub struct HttpSettings {
     /// (certificate chain, private key) PEM files, when HTTPS is on.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub threads: usize,
+    /// CPUs the HTTP threads run on (empty: any).
+    pub cpus: Vec<usize>,
 }
 
 /// `[cluster]`: the processes of a multi-process cluster (timely's own cluster mode). Empty
@@ -500,6 +509,8 @@ pub struct Settings {
     pub workers: usize,
     /// Nice value the worker threads set for themselves (0: unchanged).
     pub worker_nice: i32,
+    /// CPUs the worker threads and the checkpoint writer run on (empty: any).
+    pub worker_cpus: Vec<usize>,
     pub clock: ClockMode,
     pub tick_ms: u64,
     pub windows: Vec<Window>,
@@ -761,6 +772,15 @@ fn duration_ms(key: &str, text: &str) -> Result<u64> {
     Ok(d.as_millis() as u64)
 }
 
+/// CPU ids as Linux numbers them; whether this process may use them is checked at start
+/// ([`crate::affinity::check`]).
+fn cpu_ids(key: &str, cpus: &[usize]) -> Result<()> {
+    if let Some(c) = cpus.iter().find(|&&c| c >= 1024) {
+        bail!("{key} names CPU {c}; CPU ids go from 0 to 1023");
+    }
+    Ok(())
+}
+
 fn http_settings(h: &HttpConfig) -> Result<HttpSettings> {
     let token = |name: &str, t: &str| -> Result<Option<String>> {
         if t.is_empty() {
@@ -781,6 +801,7 @@ fn http_settings(h: &HttpConfig) -> Result<HttpSettings> {
     if h.threads == 0 || h.threads > 256 {
         bail!("http.threads = {} must be between 1 and 256", h.threads);
     }
+    cpu_ids("http.cpus", &h.cpus)?;
     Ok(HttpSettings {
         read_token: token("read_token", &h.read_token)?,
         admin_token: token("admin_token", &h.admin_token)?,
@@ -788,6 +809,7 @@ fn http_settings(h: &HttpConfig) -> Result<HttpSettings> {
         max_headers: h.max_headers,
         header_timeout_ms: duration_ms("http.header_timeout", &h.header_timeout)?.max(1),
         threads: h.threads,
+        cpus: h.cpus.clone(),
         tls: match (
             h.tls_cert.as_os_str().is_empty(),
             h.tls_key.as_os_str().is_empty(),
@@ -861,9 +883,11 @@ impl Settings {
                 e.worker_nice
             );
         }
+        cpu_ids("engine.worker_cpus", &e.worker_cpus)?;
         Ok(Settings {
             workers: e.workers,
             worker_nice: e.worker_nice,
+            worker_cpus: e.worker_cpus.clone(),
             clock: e.clock,
             tick_ms,
             windows,
@@ -1077,6 +1101,19 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn cpu_lists_come_from_the_environment_and_stay_below_cpu_setsize() {
+        let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let c = Config::load(None, env("PERSONA_ENGINE_WORKER_CPUS", "[0]")).unwrap();
+        let s = Settings::from_config(&c).unwrap();
+        assert_eq!((s.worker_cpus, s.http.cpus), (vec![0], vec![]));
+        let c = Config::load(None, env("PERSONA_HTTP_CPUS", "[1, 2]")).unwrap();
+        assert_eq!(Settings::from_config(&c).unwrap().http.cpus, vec![1, 2]);
+        let c = Config::load(None, env("PERSONA_HTTP_CPUS", "[1024]")).unwrap();
+        let e = format!("{:#}", Settings::from_config(&c).unwrap_err());
+        assert!(e.contains("http.cpus names CPU 1024"), "{e}");
     }
 
     #[test]

@@ -260,6 +260,7 @@ pub fn start(
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
         lower_priority(shared.settings.worker_nice, "worker");
+        crate::affinity::pin_current(&shared.settings.worker_cpus, "worker");
         let result =
             run_worker(worker, &shared, &mode, dump.as_ref()).map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {

@@ -6,6 +6,7 @@
 //!                                                                        ◀─ queries (query) ◀─ HTTP (http)
 //! ```
 
+pub mod affinity;
 pub mod auth;
 pub mod checkpoint;
 pub mod cluster;

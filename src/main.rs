@@ -106,6 +106,8 @@ fn settings(
         );
     }
     let settings = Settings::from_config(&config)?;
+    persona::affinity::check("engine.worker_cpus", &settings.worker_cpus)?;
+    persona::affinity::check("http.cpus", &settings.http.cpus)?;
     match process {
         Some(p) => settings.for_process(&config.cluster, p, workers),
         None => Ok(settings),

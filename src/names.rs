@@ -82,9 +82,13 @@ impl Names {
 
     /// The string of `h`, or its hash in hex if unknown (never expected).
     pub fn name(&self, h: u64) -> String {
+        self.shared(h).to_string()
+    }
+
+    /// [`Names::name`] without a copy of the string.
+    pub fn shared(&self, h: u64) -> Arc<str> {
         self.get(h)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| format!("#{h:016x}"))
+            .unwrap_or_else(|| Arc::from(format!("#{h:016x}").as_str()))
     }
 
     /// Orders hashes by their strings; for the dataflow's tie rules.

@@ -7,13 +7,14 @@ use persona_dataflows::rules::{Fields, Number};
 use persona_dataflows::{Device, Neighbour, ProfileState, Reason, Scored};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// How many categories a profile lists (the rules' `top_categories` is the same list).
 pub use persona_dataflows::segments::TOP_CATEGORIES;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CategoryCount {
-    pub category: String,
+    pub category: Name,
     pub count: i64,
 }
 
@@ -31,6 +32,9 @@ pub struct Sessions {
     pub current: CurrentSession,
 }
 
+/// An id string as the name table holds it: shared, so rendering a profile copies no strings.
+pub type Name = Arc<str>;
+
 /// A profile, fields in the order SPEC §4 shows them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
@@ -39,10 +43,10 @@ pub struct Profile {
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
     pub event_count: u64,
-    pub counts: BTreeMap<String, i64>,
-    pub windows: IndexMap<String, BTreeMap<String, i64>>,
+    pub counts: BTreeMap<Name, i64>,
+    pub windows: IndexMap<String, BTreeMap<Name, i64>>,
     pub distinct_items: i64,
-    pub recent_items: Vec<String>,
+    pub recent_items: Vec<Name>,
     pub total_spend: f64,
     pub devices: Vec<String>,
     pub last_device: Option<String>,
@@ -64,7 +68,7 @@ pub fn profile(
     let counts = state
         .counts
         .iter()
-        .map(|(k, n)| (names.name(*k), *n))
+        .map(|(k, n)| (names.shared(*k), *n))
         .collect();
     let windows = settings
         .windows
@@ -75,7 +79,7 @@ pub fn profile(
                 state
                     .window(as_of, w.width_ms)
                     .into_iter()
-                    .map(|(k, n)| (names.name(k), n))
+                    .map(|(k, n)| (names.shared(k), n))
                     .collect(),
             )
         })
@@ -83,14 +87,14 @@ pub fn profile(
     let engagement_score = state
         .window(as_of, SCORE_WINDOW_MS)
         .iter()
-        .map(|(k, n)| settings.weight(&names.name(*k)) * *n as f64)
+        .map(|(k, n)| settings.weight(&names.shared(*k)) * *n as f64)
         // Not `sum()`: an empty f64 sum is -0.0, which JSON would show as `-0.0`.
         .fold(0.0, |a, b| a + b);
     let mut categories: Vec<CategoryCount> = state
         .categories
         .iter()
         .map(|(c, n)| CategoryCount {
-            category: names.name(*c),
+            category: names.shared(*c),
             count: *n,
         })
         .collect();
@@ -112,7 +116,7 @@ pub fn profile(
         recent_items: b
             .recent_items()
             .iter()
-            .map(|item| names.name(*item))
+            .map(|item| names.shared(*item))
             .collect(),
         total_spend: b.spend(),
         devices: state
@@ -195,7 +199,7 @@ struct Shown<'a> {
     settings: &'a Settings,
 }
 
-fn hashed_count(counts: &BTreeMap<String, i64>, kind: u64) -> f64 {
+fn hashed_count(counts: &BTreeMap<Name, i64>, kind: u64) -> f64 {
     counts
         .iter()
         .find(|(name, _)| crate::names::hash(name) == kind)

@@ -157,6 +157,7 @@ fn restore_checkpoint(
             kinds: shared.controls,
             metrics: shared.metrics.clone(),
             nice: shared.settings.worker_nice,
+            cpus: shared.settings.worker_cpus.clone(),
         },
         restored
             .as_ref()

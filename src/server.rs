@@ -29,11 +29,14 @@ impl Server {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let addr = std_listener.local_addr()?;
         let threads = shared.settings.http.threads;
+        let cpus = shared.settings.http.cpus.clone();
         let runtime = if threads > 1 {
             // The "http" thread drives the listener; these share the connections with it.
+            let pin = cpus.clone();
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
                 .thread_name("http-worker")
+                .on_thread_start(move || crate::affinity::pin_current(&pin, "http-worker"))
                 .enable_all()
                 .build()
         } else {
@@ -48,6 +51,7 @@ impl Server {
                 // Whatever ends this thread (even a panic) stops the engine: without it,
                 // nothing would answer queries or signals.
                 let _stop_on_exit = StopOnExit(shared.clone());
+                crate::affinity::pin_current(&cpus, "http");
                 runtime.block_on(async move {
                     let listener = match tokio::net::TcpListener::from_std(std_listener) {
                         Ok(l) => l,

@@ -139,6 +139,61 @@ fn worker_nice_lowers_the_workers_and_not_the_http_threads() {
     assert!(http.iter().all(|&n| n == 0), "{threads:?}");
 }
 
+/// The name and allowed CPU list (`0-1` style) of every thread of process `pid`, from `/proc`.
+#[cfg(target_os = "linux")]
+fn threads_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if let Some(cpus) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            found.push((name.trim().to_string(), cpus.trim().to_string()));
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn cpu_lists_pin_the_workers_and_the_http_threads_apart() {
+    // The first and the last CPU this test may use (the same one on a single-CPU machine).
+    let allowed = persona::affinity::allowed().unwrap();
+    let (first, last) = (allowed[0], allowed[allowed.len() - 1]);
+    let t = now_ms() - 60_000;
+    let engine = Engine::start_with(
+        &[event("e1", "u1", "page_view", t, None)],
+        &[
+            ("PERSONA_ENGINE_WORKER_CPUS", &format!("[{first}]")),
+            ("PERSONA_HTTP_CPUS", &format!("[{last}]")),
+        ],
+    );
+    engine.wait_for(30, "u1", |e| e.get("/v1/users/u1").0 == 200);
+    let threads = threads_cpus(engine.child.id());
+    let cpus_of = |prefix: &str| -> Vec<String> {
+        threads
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, c)| c.clone())
+            .collect()
+    };
+    assert_eq!(
+        cpus_of("timely:work"),
+        vec![first.to_string(); 2],
+        "{threads:?}"
+    );
+    // The driving "http" thread and the runtime's "http-worker" threads.
+    let http = cpus_of("http");
+    assert!(http.len() >= 2, "{threads:?}");
+    assert!(http.iter().all(|c| *c == last.to_string()), "{threads:?}");
+}
+
 #[test]
 fn run_serves_profiles_follows_the_log_and_reports_errors() {
     let t = now_ms() - 60_000;

@@ -46,6 +46,7 @@ fuzz_target!(|input: (&str, &str, Option<&str>, &[u8])| {
         header_timeout_ms: 10_000,
         tls: None,
         threads: 1,
+        cpus: Vec::new(),
     };
     let header = HeaderValue::from_bytes(authorization).ok();
     let scope = auth::scope(&method, &segments);
