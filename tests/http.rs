@@ -94,26 +94,33 @@ fn event(id: &str, user: &str, kind: &str, ts: u64, item: Option<&str>) -> Strin
     v.to_string()
 }
 
-/// The name and nice value of every thread of process `pid`, from `/proc`.
+/// The name of every thread of process `pid` with what `read` finds in its `/proc` directory,
+/// sorted; threads where it finds nothing are left out.
 #[cfg(target_os = "linux")]
-fn threads_nice(pid: u32) -> Vec<(String, i64)> {
+fn threads_of<T: Ord>(pid: u32, read: impl Fn(&std::path::Path) -> Option<T>) -> Vec<(String, T)> {
     let mut found = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
     {
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        // After the parenthesised name: state is field 3, nice is field 19.
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        if let Some(nice) = rest.split(' ').nth(16).and_then(|n| n.parse().ok()) {
-            found.push((name.trim().to_string(), nice));
+        if let Some(v) = read(&task.path()) {
+            found.push((name.trim().to_string(), v));
         }
     }
     found.sort();
     found
+}
+
+/// The name and nice value of every thread of process `pid`.
+#[cfg(target_os = "linux")]
+fn threads_nice(pid: u32) -> Vec<(String, i64)> {
+    threads_of(pid, |task| {
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        // After the parenthesised name: state is field 3, nice is field 19.
+        let (_, rest) = stat.rsplit_once(") ")?;
+        rest.split(' ').nth(16)?.parse().ok()
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -139,25 +146,16 @@ fn worker_nice_lowers_the_workers_and_not_the_http_threads() {
     assert!(http.iter().all(|&n| n == 0), "{threads:?}");
 }
 
-/// The name and allowed CPU list (`0-1` style) of every thread of process `pid`, from `/proc`.
+/// The name and allowed CPU list (`0-1` style) of every thread of process `pid`.
 #[cfg(target_os = "linux")]
 fn threads_cpus(pid: u32) -> Vec<(String, String)> {
-    let mut found = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        if let Some(cpus) = status
+    threads_of(pid, |task| {
+        let status = std::fs::read_to_string(task.join("status")).ok()?;
+        status
             .lines()
             .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        {
-            found.push((name.trim().to_string(), cpus.trim().to_string()));
-        }
-    }
-    found.sort();
-    found
+            .map(|c| c.trim().to_string())
+    })
 }
 
 #[cfg(target_os = "linux")]
