@@ -112,6 +112,16 @@ fn threads_of<T: Ord>(pid: u32, read: impl Fn(&std::path::Path) -> Option<T>) ->
     found
 }
 
+/// The values of the threads whose name starts with `prefix`.
+#[cfg(target_os = "linux")]
+fn named<T: Clone>(threads: &[(String, T)], prefix: &str) -> Vec<T> {
+    threads
+        .iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
 /// The name and nice value of every thread of process `pid`.
 #[cfg(target_os = "linux")]
 fn threads_nice(pid: u32) -> Vec<(String, i64)> {
@@ -133,13 +143,7 @@ fn worker_nice_lowers_the_workers_and_not_the_http_threads() {
     );
     engine.wait_for(30, "u1", |e| e.get("/v1/users/u1").0 == 200);
     let threads = threads_nice(engine.child.id());
-    let nice_of = |prefix: &str| -> Vec<i64> {
-        threads
-            .iter()
-            .filter(|(name, _)| name.starts_with(prefix))
-            .map(|(_, n)| *n)
-            .collect()
-    };
+    let nice_of = |prefix: &str| named(&threads, prefix);
     assert_eq!(nice_of("timely:work"), vec![7, 7], "{threads:?}");
     let http = nice_of("http");
     assert!(!http.is_empty(), "{threads:?}");
@@ -174,13 +178,7 @@ fn cpu_lists_pin_the_workers_and_the_http_threads_apart() {
     );
     engine.wait_for(30, "u1", |e| e.get("/v1/users/u1").0 == 200);
     let threads = threads_cpus(engine.child.id());
-    let cpus_of = |prefix: &str| -> Vec<String> {
-        threads
-            .iter()
-            .filter(|(name, _)| name.starts_with(prefix))
-            .map(|(_, c)| c.clone())
-            .collect()
-    };
+    let cpus_of = |prefix: &str| named(&threads, prefix);
     assert_eq!(
         cpus_of("timely:work"),
         vec![first.to_string(); 2],
