@@ -5,15 +5,19 @@
 #
 #   scripts/bench-soak.sh                    3M events over 30 days of event time, 50k events/s
 #   EVENTS=10000000 RATE=50000 USERS=100000 SPAN=30d WORKERS=2 EVERY=5 scripts/bench-soak.sh
+#   RETENTION=8d scripts/bench-soak.sh       with engine.retention (older detail sealed)
+#   ITEMS=20000                              distinct items of the generated log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 EVENTS=${EVENTS:-3000000}
 RATE=${RATE:-50000}
 USERS=${USERS:-100000}
+ITEMS=${ITEMS:-20000}
 SPAN=${SPAN:-30d}
 WORKERS=${WORKERS:-2}
 EVERY=${EVERY:-5}
+RETENTION=${RETENTION:-}
 DIR=target/bench/soak
 rm -rf "$DIR"
 mkdir -p "$DIR"
@@ -21,13 +25,14 @@ cargo build --release --quiet
 BIN=target/release/persona
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-$BIN generate --out "$DIR/all.jsonl" --events "$EVENTS" --users "$USERS" --span "$SPAN" --seed 3 >/dev/null
+$BIN generate --out "$DIR/all.jsonl" --events "$EVENTS" --users "$USERS" --items "$ITEMS" --span "$SPAN" --seed 3 >/dev/null
 split -l "$RATE" -d -a 5 "$DIR/all.jsonl" "$DIR/chunk-"
 : >"$DIR/followed.jsonl"
 cat >"$DIR/soak.toml" <<TOML
 [engine]
 workers = $WORKERS
 clock = "event"
+retention = "$RETENTION"
 erasure_log = "$DIR/erasures.jsonl"
 [source]
 path = "$DIR/followed.jsonl"
@@ -49,7 +54,7 @@ until curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1; do sleep 0.1; d
 ( for c in "$DIR"/chunk-*; do cat "$c" >>"$DIR/followed.jsonl"; sleep 1; done ) &
 WRITER=$!
 
-echo "# soak: $EVENTS events from $USERS users over $SPAN of event time, appended at $RATE lines/s; $WORKERS workers, recommendations off; $(nproc) cores"
+echo "# soak: $EVENTS events from $USERS users and $ITEMS items over $SPAN of event time, appended at $RATE lines/s; $WORKERS workers, recommendations off, retention ${RETENTION:-off}; $(nproc) cores"
 echo "| elapsed | events read | RSS | peak RSS |"
 echo "|---:|---:|---:|---:|"
 start=$(date +%s)

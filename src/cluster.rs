@@ -76,9 +76,14 @@ impl Announcer {
                 move |_, _| {
                     move |input, _output| {
                         input.for_each(|_, data| {
-                            for ((_, hash, name), _, _) in data.drain(..) {
+                            for ((user, hash, name), _, _) in data.drain(..) {
                                 let name: String = name;
-                                names.insert(hash, &name);
+                                // Owned notes are a user's name or one of its event ids.
+                                if user != persona_dataflows::NO_ITEM && hash != user {
+                                    names.insert_event_id(hash, &name);
+                                } else {
+                                    names.insert(hash, &name);
+                                }
                             }
                         });
                     }

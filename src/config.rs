@@ -100,6 +100,9 @@ pub struct EngineConfig {
     pub allowed_lateness: String,
     pub max_future_skew: String,
     pub dedup_horizon: String,
+    /// How long event detail is kept behind the clock ("": all of it). Older detail is sealed
+    /// into per-user summaries, and events that arrive older than this are dead letters.
+    pub retention: String,
     pub default_weight: f64,
     pub weights: BTreeMap<String, f64>,
     /// Erasures (`DELETE /v1/users/{id}`) are appended here, and applied again at every start.
@@ -134,6 +137,7 @@ impl Default for EngineConfig {
             allowed_lateness: "5s".into(),
             max_future_skew: "5m".into(),
             dedup_horizon: "7d".into(),
+            retention: String::new(),
             default_weight: 1.0,
             weights: weights.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             erasure_log: "erasures.jsonl".into(),
@@ -518,6 +522,11 @@ pub struct Settings {
     pub allowed_lateness_ms: u64,
     pub max_future_skew_ms: u64,
     pub dedup_horizon_ms: u64,
+    /// `None`: all detail is kept (exact under any lateness).
+    pub retention_ms: Option<u64>,
+    /// Lines a worker reads per step (`None`: the engine's defaults). Not a config key: tests
+    /// make it small so that the event clock moves between lines, as it does on large logs.
+    pub batch_lines: Option<usize>,
     pub default_weight: f64,
     pub weights: BTreeMap<String, f64>,
     pub source: SourceConfig,
@@ -772,6 +781,51 @@ fn duration_ms(key: &str, text: &str) -> Result<u64> {
     Ok(d.as_millis() as u64)
 }
 
+/// `engine.retention`, checked against what must fit inside it: every horizon after which a
+/// view forgets an event by itself, so that only the all-time views see sealed retractions.
+/// The recommenders' horizons are capped at it.
+fn retention(
+    config: &Config,
+    windows: &[Window],
+    recommendations: Option<&mut RecommendSettings>,
+) -> Result<Option<u64>> {
+    let e = &config.engine;
+    if e.retention.trim().is_empty() {
+        return Ok(None);
+    }
+    let r = duration_ms("engine.retention", &e.retention)?;
+    let widest = windows
+        .iter()
+        .map(|w| w.width_ms)
+        .fold(SCORE_WINDOW_MS, u64::max);
+    if r < widest {
+        bail!(
+            "engine.retention = {:?} is shorter than the widest window ({} ms, the engagement score's 7d included); windowed counts need their events",
+            e.retention,
+            widest
+        );
+    }
+    if let Some(rec) = recommendations {
+        // The defaults (years) would make every retention an error: cap them, and say so.
+        for (key, ms) in [
+            ("recommendations.horizon", &mut rec.horizon_ms),
+            ("recommendations.popular_window", &mut rec.popular_window_ms),
+        ] {
+            if *ms > r {
+                tracing::warn!(
+                    "{key} ({} ms) is capped at engine.retention ({r} ms): sealed events no longer count there",
+                    *ms
+                );
+                *ms = r;
+            }
+        }
+    }
+    if !e.checkpoint_dir.as_os_str().is_empty() {
+        bail!("engine.retention and engine.checkpoint_dir cannot be combined yet: checkpoints copy event detail, which retention seals away; leave one of them empty");
+    }
+    Ok(Some(r))
+}
+
 /// CPU ids as Linux numbers them; whether this process may use them is checked at start
 /// ([`crate::affinity::check`]).
 fn cpu_ids(key: &str, cpus: &[usize]) -> Result<()> {
@@ -884,6 +938,12 @@ impl Settings {
             );
         }
         cpu_ids("engine.worker_cpus", &e.worker_cpus)?;
+        let mut recommendations = if config.recommendations.enabled {
+            Some(RecommendSettings::from_config(&config.recommendations)?)
+        } else {
+            None
+        };
+        let retention_ms = retention(config, &windows, recommendations.as_mut())?;
         Ok(Settings {
             workers: e.workers,
             worker_nice: e.worker_nice,
@@ -895,6 +955,8 @@ impl Settings {
             allowed_lateness_ms: duration_ms("engine.allowed_lateness", &e.allowed_lateness)?,
             max_future_skew_ms: duration_ms("engine.max_future_skew", &e.max_future_skew)?,
             dedup_horizon_ms: duration_ms("engine.dedup_horizon", &e.dedup_horizon)?,
+            retention_ms,
+            batch_lines: None,
             default_weight: e.default_weight,
             // Configured weights override the defaults one by one, not as a whole table.
             weights: EngineConfig::default()
@@ -920,11 +982,7 @@ impl Settings {
                     every_ms,
                 })
             },
-            recommendations: if config.recommendations.enabled {
-                Some(RecommendSettings::from_config(&config.recommendations)?)
-            } else {
-                None
-            },
+            recommendations,
             cluster: None,
             segments: segments_compiled,
             triggers: triggers(config)?,
@@ -1114,6 +1172,29 @@ mod tests {
         let c = Config::load(None, env("PERSONA_HTTP_CPUS", "[1024]")).unwrap();
         let e = format!("{:#}", Settings::from_config(&c).unwrap_err());
         assert!(e.contains("http.cpus names CPU 1024"), "{e}");
+    }
+
+    #[test]
+    fn retention_covers_the_windows_caps_the_recommenders_and_excludes_checkpoints() {
+        let mut c = Config::default();
+        assert_eq!(Settings::from_config(&c).unwrap().retention_ms, None);
+        c.engine.retention = "30d".into();
+        let s = Settings::from_config(&c).unwrap();
+        let day = 86_400_000;
+        assert_eq!(s.retention_ms, Some(30 * day));
+        let r = s.recommendations.unwrap();
+        assert_eq!((r.horizon_ms, r.popular_window_ms), (30 * day, 30 * day));
+        c.engine.retention = "6d".into();
+        let e = format!("{:#}", Settings::from_config(&c).unwrap_err());
+        assert!(e.contains("shorter than the widest window"), "{e}");
+        c.engine.retention = "30d".into();
+        c.engine.windows.push("60d".into());
+        let e = format!("{:#}", Settings::from_config(&c).unwrap_err());
+        assert!(e.contains("shorter than the widest window"), "{e}");
+        c.engine.windows.pop();
+        c.engine.checkpoint_dir = "ckpt".into();
+        let e = format!("{:#}", Settings::from_config(&c).unwrap_err());
+        assert!(e.contains("cannot be combined"), "{e}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use differential_dataflow::input::{Input, InputSession};
 use persona_dataflows::rules::Rule;
 use persona_dataflows::{
     profiles, Event, InteractionConfig, PopularConfig, ProfileState, ProfileTraces,
-    RecommendConfig, RecommendTraces, SegmentConfig, SimilarConfig, Time, ViewConfig,
+    RecommendConfig, RecommendTraces, Retention, SegmentConfig, SimilarConfig, Time, ViewConfig,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -466,16 +466,24 @@ impl Catalog {
     }
 }
 
-/// Parses one event record into `batch`, or rejects it.
+/// Parses one event record into `batch`, or rejects it. `min_ts`: with a retention, events
+/// (and consent grants) at or before it are too late (erasures and revocations never are).
 fn event_record(
     raw: &[u8],
     origin: Origin<'_>,
-    max_ts: Option<u64>,
+    (min_ts, max_ts): (Option<u64>, Option<u64>),
     batch: &mut Vec<Event>,
     shared: &Shared,
 ) {
     shared.metrics.event_read();
     match parse::parse_event(raw, &shared.names, max_ts) {
+        Ok(event) if min_ts.is_some_and(|min| event.ts <= min) && !withdraws(&event, shared) => {
+            let r = too_late(&event, min_ts.unwrap_or(0));
+            shared.dead.reject(&r, &origin.to_string(), raw);
+            if event.device.is_some() {
+                shared.names.forget_event_id(event.id);
+            }
+        }
         Ok(event) => {
             if shared.controls.is_control(&event) {
                 shared.metrics.control_record();
@@ -483,6 +491,55 @@ fn event_record(
             batch.push(event)
         }
         Err(r) => shared.dead.reject(&r, &origin.to_string(), raw),
+    }
+}
+
+/// Whether `event` is an erasure or a revocation: records that are applied however late.
+fn withdraws(event: &Event, shared: &Shared) -> bool {
+    let c = shared.controls;
+    event.kind == c.erasure || (event.kind == c.consent && event.value() <= 0.0)
+}
+
+fn too_late(event: &Event, seal: u64) -> parse::Rejection {
+    parse::Rejection::new(
+        "too_late",
+        format!(
+            "ts {} is at or before {seal} (the engine clock less engine.retention): too late to apply",
+            event.ts
+        ),
+    )
+}
+
+/// Dead-letters the records the gate finds later than the retention (ones that reached it in
+/// the same batch as newer events, which moved the clock past them). Their raw line is gone by
+/// then, so the record shows the event as the engine read it.
+struct LateRecords(Arc<Shared>);
+
+impl persona_dataflows::LateObserver for LateRecords {
+    fn too_late(&self, event: &Event, seal: u64) {
+        let names = &self.0.names;
+        let mut raw = serde_json::json!({
+            "event_id": names.shared(event.id).as_ref(),
+            "user_id": names.shared(event.user).as_ref(),
+            "type": names.shared(event.kind).as_ref(),
+            "ts": event.ts,
+        });
+        if event.has_item() {
+            raw["item_id"] = names.shared(event.item).as_ref().into();
+        }
+        if event.value_bits != 0 {
+            raw["value"] = event.value().into();
+        }
+        if let Some(d) = event.device {
+            raw["device"] = serde_json::json!({"type": d.as_str()});
+        }
+        let raw = raw.to_string();
+        self.0
+            .dead
+            .reject(&too_late(event, seal), "engine", raw.as_bytes());
+        if event.device.is_some() {
+            names.forget_event_id(event.id);
+        }
     }
 }
 
@@ -631,6 +688,15 @@ fn run_worker(
         purchase_kind: shared.names.intern("purchase"),
         controls: shared.controls,
         names: shared.names.order(),
+        event_ids: shared.names.event_order(),
+        retention: settings.retention_ms.map(|retention_ms| Retention {
+            retention_ms,
+            late: Arc::new(LateRecords(shared.clone())),
+        }),
+        forget_event_id: settings.retention_ms.map(|_| {
+            let names = shared.names.clone();
+            Arc::new(move |id| names.forget_event_id(id)) as persona_dataflows::event::Forget
+        }),
     };
     let recommend_config = settings
         .recommendations
@@ -736,11 +802,11 @@ fn run_worker(
         )
     });
 
-    let batch_lines = if replay {
+    let batch_lines = settings.batch_lines.unwrap_or(if replay {
         REPLAY_BATCH_LINES
     } else {
         LIVE_BATCH_LINES
-    };
+    });
     let status = &shared.workers[local];
     let mut clock: Time = match clock_mode {
         ClockMode::Live => wall_ms() / settings.tick_ms * settings.tick_ms,
@@ -825,6 +891,8 @@ fn run_worker(
                 ClockMode::Live => Some(wall_ms().saturating_add(settings.max_future_skew_ms)),
                 ClockMode::Event => None,
             };
+            let min_ts = settings.retention_ms.and_then(|r| clock.checked_sub(r));
+            let ts_bounds = (min_ts, max_ts);
             match &mut feed {
                 Feed::File {
                     events,
@@ -859,7 +927,7 @@ fn run_worker(
                                             line,
                                         );
                                     } else {
-                                        event_record(line, origin, max_ts, &mut batch, shared);
+                                        event_record(line, origin, ts_bounds, &mut batch, shared);
                                     }
                                 }
                                 events.clear();
@@ -884,7 +952,9 @@ fn run_worker(
                 Feed::Kafka(reader) => {
                     let outcome =
                         reader.read(batch_lines, &mut |stream, raw, origin| match stream {
-                            Stream::Events => event_record(raw, origin, max_ts, &mut batch, shared),
+                            Stream::Events => {
+                                event_record(raw, origin, ts_bounds, &mut batch, shared)
+                            }
                             Stream::Catalog => {
                                 if let Some(input) = inputs.catalog.as_mut() {
                                     catalog.record(

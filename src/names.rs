@@ -7,13 +7,14 @@
 
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
-use persona_dataflows::{NameOrder, NO_ITEM};
+use persona_dataflows::{NameOrder, NO_ITEM, SEALED_ID};
 use std::sync::Arc;
 
-/// The key of a string id. Never [`NO_ITEM`].
+/// The key of a string id. Never [`NO_ITEM`] nor [`SEALED_ID`].
 pub fn hash(s: &str) -> u64 {
     match xxhash_rust::xxh3::xxh3_64(s.as_bytes()) {
         NO_ITEM => 1,
+        SEALED_ID => 2,
         h => h,
     }
 }
@@ -22,6 +23,9 @@ pub fn hash(s: &str) -> u64 {
 #[derive(Clone)]
 pub struct Names {
     table: Arc<DashMap<u64, Arc<str>, RandomState>>,
+    /// Event ids, kept apart: only the `last_device` tie rule reads them, and only until the
+    /// event's detail is sealed (`engine.retention`), when they are forgotten.
+    event_ids: Arc<DashMap<u64, Arc<str>, RandomState>>,
     /// Unique per table (clones share it), for the per-thread cache.
     id: u64,
 }
@@ -31,6 +35,7 @@ impl Default for Names {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Names {
             table: Arc::default(),
+            event_ids: Arc::default(),
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -77,7 +82,53 @@ impl Names {
     }
 
     pub fn get(&self, h: u64) -> Option<Arc<str>> {
-        self.table.get(&h).map(|s| s.clone())
+        match self.table.get(&h) {
+            Some(s) => Some(s.clone()),
+            None => self.event_ids.get(&h).map(|s| s.clone()),
+        }
+    }
+
+    /// Hashes an event id and remembers its string until [`Names::forget_event_id`].
+    pub fn intern_event_id(&self, s: &str) -> u64 {
+        let h = hash(s);
+        if !self.event_ids.contains_key(&h) {
+            self.event_ids.entry(h).or_insert_with(|| Arc::from(s));
+        }
+        h
+    }
+
+    /// Remembers `s` as the event id of `h` (announced by another process of a cluster).
+    pub fn insert_event_id(&self, h: u64, s: &str) {
+        if !self.event_ids.contains_key(&h) {
+            self.event_ids.entry(h).or_insert_with(|| Arc::from(s));
+        }
+    }
+
+    pub fn forget_event_id(&self, h: u64) {
+        self.event_ids.remove(&h);
+    }
+
+    /// How many event ids are remembered.
+    pub fn event_ids(&self) -> usize {
+        self.event_ids.len()
+    }
+
+    /// Orders event id hashes by their strings; for the `last_device` tie rule.
+    pub fn event_order(&self) -> NameOrder {
+        let names = self.clone();
+        let get = move |h: u64| match names.event_ids.get(&h) {
+            Some(s) => Some(s.clone()),
+            None => names.table.get(&h).map(|s| s.clone()),
+        };
+        Arc::new(move |a: u64, b: u64| {
+            if a == b {
+                return std::cmp::Ordering::Equal;
+            }
+            match (get(a), get(b)) {
+                (Some(x), Some(y)) => x.cmp(&y),
+                _ => a.cmp(&b),
+            }
+        })
     }
 
     /// The string of `h`, or its hash in hex if unknown (never expected).

@@ -31,7 +31,7 @@ pub const ERASURE_TYPE: &str = "erasure";
 pub const CONSENT_TYPE: &str = "consent";
 
 /// Every rejection reason code.
-pub const REASONS: [&str; 8] = [
+pub const REASONS: [&str; 9] = [
     "invalid_json",
     "invalid_utf8",
     "not_an_object",
@@ -40,6 +40,7 @@ pub const REASONS: [&str; 8] = [
     "oversize",
     "unknown_schema_version",
     "future_ts",
+    "too_late",
 ];
 
 /// Why a line was rejected: a stable machine-readable code and a human message.
@@ -50,7 +51,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: &'static str, detail: impl Into<String>) -> Self {
         Rejection {
             reason,
             detail: detail.into(),
@@ -268,7 +269,7 @@ pub fn parse_event(line: &[u8], names: &Names, max_ts: Option<u64>) -> Result<Ev
         ts,
         user: names.intern(user_id),
         id: if device.is_some() {
-            names.intern(event_id)
+            names.intern_event_id(event_id)
         } else {
             crate::names::hash(event_id)
         },

@@ -235,3 +235,162 @@ proptest! {
         }
     }
 }
+
+/// Logs whose records arrive at most [`LATENESS`] after their `ts`, over [`LONG_SPAN`]: with a
+/// retention of 7 days (longer than the lateness), most detail is sealed along the way.
+const LONG_SPAN: u64 = 30 * DAY;
+const LATENESS: u64 = 2 * DAY;
+
+fn in_bound_case() -> impl Strategy<Value = Case> {
+    // (arrival: day and time of day, lateness)
+    let arrival = (0..LONG_SPAN / DAY, 0..3 * HOUR, 0..LATENESS);
+    let events = proptest::collection::vec((gen_event(), arrival.clone()), 1..70);
+    let dups =
+        proptest::collection::vec((any::<proptest::sample::Index>(), 0..3u8, 1..HOUR), 0..10);
+    let bad = proptest::collection::vec(proptest::sample::select(BAD_LINES.to_vec()), 0..3);
+    // Erasures (0), revocations (1) and grants (2).
+    let controls = proptest::collection::vec((0..USERS.len(), 0..3u8, arrival), 0..6);
+    let catalog = proptest::collection::vec(
+        (
+            0..ITEMS.len(),
+            proptest::option::weighted(0.8, 0..CATEGORIES.len()),
+        ),
+        0..10,
+    );
+    (events, dups, bad, controls, catalog).prop_map(|(events, dups, bad, controls, catalog)| {
+        let at = |(day, time, late): (u64, u64, u64)| {
+            let arrives = day * DAY + time;
+            (arrives, arrives.saturating_sub(late))
+        };
+        // (arrival, line)
+        let mut lines: Vec<(u64, String)> = Vec::new();
+        let mut placed: Vec<(u64, GenEvent)> = Vec::new();
+        for (n, (mut e, when)) in events.into_iter().enumerate() {
+            let (arrives, offset) = at(when);
+            e.offset = offset;
+            lines.push((arrives, line(&format!("e{n}"), &e)));
+            placed.push((arrives, e));
+        }
+        for (idx, how, shift) in dups {
+            let n = idx.index(placed.len());
+            let (arrives, e) = placed[n].clone();
+            if how < 2 {
+                lines.push((arrives + shift, line(&format!("e{n}"), &e)));
+            } else {
+                let mut c = e.clone();
+                c.offset = e.offset.saturating_sub(shift);
+                lines.push((arrives + shift, line(&format!("e{n}"), &c)));
+            }
+        }
+        for (n, (user, what, when)) in controls.into_iter().enumerate() {
+            let (arrives, offset) = at(when);
+            let mut o =
+                json!({"event_id": format!("c{n}"), "user_id": USERS[user], "ts": BASE + offset});
+            if what == 0 {
+                o["type"] = json!("erasure");
+            } else {
+                o["type"] = json!("consent");
+                o["properties"] = json!({"personalization": what == 2});
+            }
+            lines.push((arrives, o.to_string()));
+        }
+        for (i, b) in bad.iter().enumerate() {
+            lines.push((i as u64 * 7 * DAY, b.to_string()));
+        }
+        lines.sort_by_key(|(arrives, _)| *arrives);
+        let catalog = catalog
+            .into_iter()
+            .map(|(item, cat)| {
+                let mut o = json!({"item_id": ITEMS[item]});
+                if let Some(c) = cat {
+                    o["category"] = json!(CATEGORIES[c]);
+                }
+                o.to_string()
+            })
+            .collect();
+        Case {
+            events: lines.into_iter().map(|(_, l)| l).collect(),
+            catalog,
+        }
+    })
+}
+
+/// Settings with `engine.retention = 7d`, reading one line per step so that the event clock
+/// (and with it the seal point) moves line by line, as on a long log.
+fn retention_settings(workers: usize) -> persona::config::Settings {
+    let mut s = support::settings(workers);
+    s.retention_ms = Some(7 * DAY);
+    s.batch_lines = Some(1);
+    s
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// With a retention longer than any record's lateness, sealing loses nothing: every profile
+    /// equals the reference that keeps all detail, erasures and consent included.
+    #[test]
+    fn retention_within_its_lateness_bound_changes_no_profile(case in in_bound_case()) {
+        let (expected, stats) = reference::profiles(&case.events, &case.catalog);
+        for workers in [1, 2, 4] {
+            let ((actual, summary), dead) =
+                support::replay_with(&case.events, &case.catalog, retention_settings(workers));
+            support::assert_profiles_eq(&actual, &expected, &format!("{workers} workers"));
+            prop_assert_eq!(summary.dead_letters, stats.dead, "dead letters, {} workers: {:?}", workers, dead);
+            prop_assert_eq!(summary.accepted, stats.accepted, "accepted, {} workers", workers);
+        }
+    }
+}
+
+/// Records older than the retention when they arrive are dead letters with reason `too_late`:
+/// at parse time when the clock has already passed them (with the raw line), and at the gate
+/// when a newer record in the same batch moved the clock past them (rendered from the event).
+/// Erasures are applied however late; profiles keep everything else.
+#[test]
+fn records_older_than_the_retention_are_dead_letters() {
+    let ev = |id: &str, user: &str, offset: u64| {
+        json!({"event_id": id, "user_id": user, "type": "click", "ts": BASE + offset, "device": {"type": "mobile"}}).to_string()
+    };
+    let events = vec![
+        ev("old-in-batch", "u1", 0),
+        ev("new", "u1", 10 * DAY),
+        ev("old-after", "u2", DAY),
+        ev("kept", "u2", 9 * DAY),
+        json!({"event_id": "x", "user_id": "u2", "type": "erasure", "ts": BASE + DAY}).to_string(),
+    ];
+    let mut settings = support::settings(1);
+    settings.retention_ms = Some(7 * DAY);
+    settings.batch_lines = Some(2);
+    let ((profiles, summary), dead) = support::replay_with(&events, &[], settings);
+    let mut late: Vec<(String, String, String)> = dead
+        .iter()
+        .map(|d| {
+            let source = d["source"].as_str().unwrap();
+            let raw: serde_json::Value = serde_json::from_str(d["raw"].as_str().unwrap()).unwrap();
+            (
+                d["reason"].as_str().unwrap().to_string(),
+                source.rsplit(':').next().unwrap().to_string(),
+                raw["event_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    late.sort();
+    let expected = [
+        ("too_late", "3", "old-after"),
+        ("too_late", "engine", "old-in-batch"),
+    ]
+    .map(|(r, s, i)| (r.to_string(), s.to_string(), i.to_string()));
+    assert_eq!(late, expected, "{dead:?}");
+    assert_eq!(summary.dead_letters, 2);
+    let counts: Vec<(String, u64)> = profiles
+        .iter()
+        .map(|p| {
+            (
+                p["user_id"].as_str().unwrap().to_string(),
+                p["event_count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // u2's event at 9 days survives its late erasure (stamped at day 1).
+    assert_eq!(counts, [("u1".to_string(), 1), ("u2".to_string(), 1)]);
+}

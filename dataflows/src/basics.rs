@@ -15,17 +15,30 @@
 //! * `recent_items`: newest latest-touch first, ties by item id string ascending; `last_device`:
 //!   the largest `(ts, event_id string)` among events with a device.
 //!
+//! * With a retention `r` (see [`crate::gate`]), detail with `ts <= t - r` at engine time `t`
+//!   is **sealed**: the distinct times, session starts and device events at or before that
+//!   point fold into a [`SealedPart`] (first ts, last ts, sessions and their gaps, the last
+//!   session's start and events, the newest device event), and an item's entries there shrink
+//!   to its latest one. Nothing later than the retention can be inserted (the gate turns it
+//!   away), so sealing never changes the output. A sealed retraction from the gate (an erasure
+//!   reaching the sealed part) clears the sealed part; a single retraction older than the
+//!   retention (a conflicting duplicate that late) takes the event out of the counts and spend
+//!   but leaves sessions, items and devices as they were.
+//!
 //! Cost per event: O(log n) in the user's distinct timestamps and items (a late event that
-//! moves the start of the current session also recounts that session). Memory: one ordered entry per distinct (user, ts), per
-//! (user, item, ts) and per device event, and one emitted [`Basics`] per user.
-//! (Counts by type and devices are additive and live in [`crate::counts`].)
+//! moves the start of the current session also recounts that session); sealing a user costs
+//! O(their detail and items), at most once per `r / 16` of engine time. Memory: one ordered
+//! entry per distinct (user, ts), per (user, item, ts) and per device event (with a retention:
+//! within it, plus one entry per (user, item) and a fixed-size sealed part), and one emitted
+//! [`Basics`] per user. (Counts by type and devices are additive and live in
+//! [`crate::counts`].)
 
-use crate::event::{newest_items, Device, Event, NameOrder, PendingByTime, Time, UserKey};
+use crate::event::{newest_items, Device, Event, Forget, NameOrder, PendingByTime, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
@@ -68,6 +81,23 @@ impl Basics {
 /// Spend is summed exactly in nano-units so that retractions cancel without float drift.
 const NANOS: f64 = 1e9;
 
+/// A user's detail at or before the seal point, folded.
+#[derive(Clone, Copy, Debug, Default)]
+struct SealedPart {
+    /// Sealed events (approximate single retractions included).
+    events: u64,
+    first: u64,
+    last: u64,
+    /// Session starts among the sealed times, and the sum of their gaps.
+    starts: u64,
+    gap_sum: u64,
+    /// The last sealed session's start and number of events.
+    tail_start: u64,
+    tail_events: u64,
+    /// The newest sealed device event: `(ts, event id, device)`.
+    device: Option<(u64, u64, Device)>,
+}
+
 #[derive(Default)]
 struct UserState {
     /// Distinct `ts` → number of events.
@@ -87,6 +117,9 @@ struct UserState {
     /// long-running session costs O(1) per event, not O(its length).
     current: Option<(u64, u64)>,
     emitted: Option<Basics>,
+    sealed: Option<SealedPart>,
+    /// Whether the seal queue has an entry for this user.
+    queued: bool,
 }
 
 impl UserState {
@@ -96,7 +129,12 @@ impl UserState {
 
     /// Re-derives whether `ts` (a present distinct time) starts a session.
     fn restatus(&mut self, ts: u64, gap: u64) {
-        let before = self.times.range(..ts).next_back().map(|(t, _)| *t);
+        let before = self
+            .times
+            .range(..ts)
+            .next_back()
+            .map(|(t, _)| *t)
+            .or(self.sealed.map(|s| s.last));
         let contribution = match before {
             None => Some(0),
             Some(p) if ts - p > gap => Some(ts - p),
@@ -122,9 +160,133 @@ impl UserState {
             .map(|((_, t), _)| *t)
     }
 
+    /// The start of the last session, sealed or not.
+    fn latest_start(&self) -> Option<u64> {
+        self.starts
+            .keys()
+            .next_back()
+            .copied()
+            .or(self.sealed.map(|s| s.tail_start))
+    }
+
+    /// The events of the session starting at `start` (the latest start).
+    fn count_from(&self, start: u64) -> u64 {
+        match self.sealed {
+            Some(s) if start <= s.last => s.tail_events + self.times.values().sum::<u64>(),
+            _ => self.times.range(start..).map(|(_, c)| *c).sum(),
+        }
+    }
+
+    fn add_spend(&mut self, e: &Event, diff: i64, purchase_kind: u64) {
+        if e.kind == purchase_kind {
+            let nanos = (e.value() * NANOS).round() as i128;
+            self.spend_nanos += nanos * diff as i128;
+        }
+    }
+
+    /// Folds the detail with `ts <= seal` into the sealed part (see the module doc).
+    fn seal(&mut self, seal: u64, ids: &NameOrder, forget: Option<&Forget>) {
+        if self.times.range(..=seal).next().is_none() {
+            return;
+        }
+        let detail = self.times.split_off(&(seal + 1));
+        let old = std::mem::replace(&mut self.times, detail);
+        let detail_starts = self.starts.split_off(&(seal + 1));
+        let old_starts = std::mem::replace(&mut self.starts, detail_starts);
+        let first = old.keys().next().copied().unwrap_or(0);
+        let sealed = self.sealed.get_or_insert(SealedPart {
+            first,
+            ..SealedPart::default()
+        });
+        for (ts, n) in old {
+            if let Some(gap) = old_starts.get(&ts) {
+                sealed.starts += 1;
+                sealed.gap_sum += gap;
+                sealed.tail_start = ts;
+                sealed.tail_events = n;
+            } else {
+                sealed.tail_events += n;
+            }
+            sealed.events += n;
+            sealed.last = ts;
+        }
+        let detail_devices = self.device_events.split_off(&(seal + 1, 0));
+        let old_devices = std::mem::replace(&mut self.device_events, detail_devices);
+        if let Some(((top, _), _)) = old_devices.iter().next_back() {
+            let top = *top;
+            if let Some(((ts, id), (device, _))) = old_devices
+                .range((top, 0)..)
+                .max_by(|a, b| ids(a.0 .1, b.0 .1))
+            {
+                sealed.device = Some((*ts, *id, *device));
+            }
+        }
+        if let Some(forget) = forget {
+            for (_, id) in old_devices.keys() {
+                forget(*id);
+            }
+        }
+        // An item's sealed entries shrink to its latest: all that recent items need.
+        let mut drop: Vec<(u64, u64)> = Vec::new();
+        let mut previous: Option<(u64, u64)> = None;
+        for &(item, ts) in self.item_times.keys() {
+            if let Some(p) = previous {
+                if p.0 == item && ts <= seal {
+                    drop.push(p);
+                }
+            }
+            previous = (ts <= seal).then_some((item, ts));
+        }
+        for key in drop {
+            self.item_times.remove(&key);
+        }
+    }
+
+    /// Forgets the sealed part: its events were all retracted (their counts and spend by the
+    /// sealed retractions themselves).
+    fn clear_sealed(&mut self, gap: u64) {
+        let Some(sealed) = self.sealed.take() else {
+            return;
+        };
+        self.gap_sum -= sealed.gap_sum;
+        let gone: Vec<(u64, u64)> = self
+            .item_times
+            .keys()
+            .filter(|(_, ts)| *ts <= sealed.last)
+            .copied()
+            .collect();
+        for (item, ts) in gone {
+            self.item_times.remove(&(item, ts));
+            self.latest.remove(&(Reverse(ts), item));
+            if let Some(t) = self.item_latest(item) {
+                self.latest.insert((Reverse(t), item));
+            }
+        }
+        if let Some(&first) = self.times.keys().next() {
+            self.restatus(first, gap);
+        }
+        self.current = self.latest_start().map(|s| (s, self.count_from(s)));
+    }
+
     fn apply(&mut self, e: &Event, diff: i64, gap: u64, purchase_kind: u64) {
         let n = diff.unsigned_abs();
-        let start_before = self.starts.keys().next_back().copied();
+        if let Some(sealed) = self.sealed.as_mut().filter(|s| e.ts <= s.last) {
+            // Older than the retention (the gate lets only retractions through): counts and
+            // spend follow, sessions, items and devices stay.
+            sealed.events = if diff > 0 {
+                sealed.events + n
+            } else {
+                sealed.events.saturating_sub(n)
+            };
+            self.events = if diff > 0 {
+                self.events + n
+            } else {
+                self.events.saturating_sub(n)
+            };
+            self.add_spend(e, diff, purchase_kind);
+            return;
+        }
+        let start_before = self.latest_start();
         if diff > 0 {
             let entry = self.times.entry(e.ts).or_insert(0);
             *entry += n;
@@ -158,7 +320,7 @@ impl UserState {
         };
         // The current session: adjust in place while its start stays; recount when it moves
         // (a new session began, which is short, or a late event merged sessions, which is rare).
-        let start_after = self.starts.keys().next_back().copied();
+        let start_after = self.latest_start();
         self.current = match (start_after, self.current) {
             (Some(s), Some((cs, mut count))) if Some(s) == start_before && cs == s => {
                 if e.ts >= s {
@@ -166,14 +328,11 @@ impl UserState {
                 }
                 Some((s, count))
             }
-            (Some(s), _) => Some((s, self.times.range(s..).map(|(_, c)| *c).sum())),
+            (Some(s), _) => Some((s, self.count_from(s))),
             (None, _) => None,
         };
         add(&mut self.events);
-        if e.kind == purchase_kind {
-            let nanos = (e.value() * NANOS).round() as i128;
-            self.spend_nanos += nanos * diff as i128;
-        }
+        self.add_spend(e, diff, purchase_kind);
         if let Some(d) = e.device {
             let entry = self.device_events.entry((e.ts, e.id)).or_insert((d, 0));
             add(&mut entry.1);
@@ -200,9 +359,18 @@ impl UserState {
         }
     }
 
-    fn basics(&self, names: &NameOrder) -> Option<Basics> {
-        let (&first, _) = self.times.iter().next()?;
-        let (&last, _) = self.times.iter().next_back()?;
+    fn basics(&self, names: &NameOrder, ids: &NameOrder) -> Option<Basics> {
+        if self.events == 0 {
+            return None;
+        }
+        let first = match self.sealed {
+            Some(s) => s.first,
+            None => *self.times.keys().next()?,
+        };
+        let last = match self.times.keys().next_back() {
+            Some(t) => *t,
+            None => self.sealed?.last,
+        };
         let (current_start, current_events) = self.current?;
         let recent = newest_items(&self.latest, RECENT_ITEMS, names);
         let mut recent_items = [0u64; RECENT_ITEMS];
@@ -217,9 +385,10 @@ impl UserState {
             .and_then(|top| {
                 self.device_events
                     .range((top, 0)..)
-                    .max_by(|a, b| names(a.0 .1, b.0 .1))
+                    .max_by(|a, b| ids(a.0 .1, b.0 .1))
                     .map(|(_, (d, _))| *d)
-            });
+            })
+            .or(self.sealed.and_then(|s| s.device.map(|(_, _, d)| d)));
         Some(Basics {
             first,
             last,
@@ -229,7 +398,7 @@ impl UserState {
             distinct_items: self.latest.len() as u64,
             recent: recent_items,
             recent_len: recent.len() as u8,
-            sessions: self.starts.len() as u64,
+            sessions: self.starts.len() as u64 + self.sealed.map_or(0, |s| s.starts),
             duration_sum: (last - first) - self.gap_sum,
             current_start,
             current_events,
@@ -238,12 +407,16 @@ impl UserState {
 }
 
 /// The basics of every user in `events` (de-duplicated, and on their user's worker: exchanged
-/// by [`route_hash`](crate::event::route_hash) of the user).
+/// by [`route_hash`](crate::event::route_hash) of the user). `names` orders item ids, `ids`
+/// event ids. `retention_ms`: the gate's retention, if any (detail older than it is sealed, see
+/// the module doc); `forget` hears of the event ids sealing leaves behind.
 pub fn basics<'s>(
     events: VecCollection<'s, Time, Event>,
     session_gap_ms: u64,
     purchase_kind: u64,
-    names: NameOrder,
+    (names, ids): (NameOrder, NameOrder),
+    retention_ms: Option<u64>,
+    forget: Option<Forget>,
 ) -> VecCollection<'s, Time, (UserKey, Basics)> {
     // The events are already on their user's worker: read them where they are.
     let pact = Pipeline;
@@ -253,6 +426,8 @@ pub fn basics<'s>(
             let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
             let mut users: HashMap<u64, UserState> = HashMap::default();
             let mut touched: Vec<u64> = Vec::new();
+            // (due time, user): when to visit a user to seal its oldest detail.
+            let mut queue: BinaryHeap<Reverse<(Time, u64)>> = BinaryHeap::new();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     for (event, time, diff) in data.drain(..) {
@@ -268,14 +443,43 @@ pub fn basics<'s>(
                         break;
                     }
                     let (time, (cap, batch)) = entry.remove_entry();
+                    let seal = retention_ms.and_then(|r| time.checked_sub(r));
+                    if let (Some(seal), Some(r)) = (seal, retention_ms) {
+                        while let Some(&Reverse((due, user))) = queue.peek() {
+                            if due > time {
+                                break;
+                            }
+                            queue.pop();
+                            if let Some(state) = users.get_mut(&user) {
+                                state.queued = false;
+                                state.seal(seal, &ids, forget.as_ref());
+                                requeue(state, user, r, &mut queue);
+                            }
+                        }
+                    }
                     touched.clear();
                     for (event, diff) in &batch {
-                        users.entry(event.user).or_default().apply(
-                            event,
-                            *diff as i64,
-                            session_gap_ms,
-                            purchase_kind,
-                        );
+                        let state = users.entry(event.user).or_default();
+                        let diff = *diff as i64;
+                        if let Some(seal) = seal.filter(|s| event.is_sealed() || event.ts <= *s) {
+                            // Judged against exactly what the gate has sealed by now.
+                            state.seal(seal, &ids, forget.as_ref());
+                        }
+                        if event.is_sealed() {
+                            state.clear_sealed(session_gap_ms);
+                            let n = diff.unsigned_abs();
+                            state.events = if diff > 0 {
+                                state.events + n
+                            } else {
+                                state.events.saturating_sub(n)
+                            };
+                            state.add_spend(event, diff, purchase_kind);
+                        } else {
+                            state.apply(event, diff, session_gap_ms, purchase_kind);
+                            if let Some(r) = retention_ms {
+                                requeue(state, event.user, r, &mut queue);
+                            }
+                        }
                         touched.push(event.user);
                     }
                     touched.sort_unstable();
@@ -285,7 +489,7 @@ pub fn basics<'s>(
                         let Some(state) = users.get_mut(user) else {
                             continue;
                         };
-                        let new = state.basics(&names);
+                        let new = state.basics(&names, &ids);
                         if new == state.emitted {
                             continue;
                         }
@@ -304,6 +508,24 @@ pub fn basics<'s>(
             }
         })
         .as_collection()
+}
+
+/// Queues a visit of `user` a while after its oldest detail passes the seal point, unless one
+/// is queued (the visit seals a batch of times at once, not one per event).
+fn requeue(
+    state: &mut UserState,
+    user: u64,
+    retention: u64,
+    queue: &mut BinaryHeap<Reverse<(Time, u64)>>,
+) {
+    if state.queued {
+        return;
+    }
+    if let Some(&oldest) = state.times.keys().next() {
+        let after = retention.saturating_add((retention / 16).max(1));
+        queue.push(Reverse((oldest.saturating_add(after), user)));
+        state.queued = true;
+    }
 }
 
 #[cfg(test)]
@@ -349,7 +571,7 @@ mod tests {
             let mut sorted = present.to_vec();
             sorted.sort_unstable();
             let expect = sessions(&sorted, gap);
-            let b = state.basics(&names).unwrap();
+            let b = state.basics(&names, &names).unwrap();
             assert_eq!(b.sessions, expect.len() as u64, "{sorted:?}");
             assert_eq!(
                 b.duration_sum,
@@ -386,12 +608,67 @@ mod tests {
         for i in 0..30u64 {
             state.apply(&ev(i / 3, 100 + i % 12, i), 1, 1000, 99);
         }
-        let b = state.basics(&names).unwrap();
+        let b = state.basics(&names, &names).unwrap();
         assert_eq!(b.distinct_items, 12);
         // Latest touches: 103-105 at ts 9, 100-102 at 8, 109-111 at 7, 106-108 at 6.
         assert_eq!(
             b.recent_items(),
             [103, 104, 105, 100, 101, 102, 109, 110, 111, 106]
         );
+    }
+
+    proptest::proptest! {
+        /// Sealing is invisible: a state sealed behind every insert equals one that kept all of
+        /// its detail; clearing the sealed part (with the sealed events' counts and spend taken
+        /// out) equals a state that only ever saw the later events.
+        #[test]
+        fn sealing_never_changes_the_basics(
+            steps in proptest::collection::vec((0..40u64, 0..6u64, 0..3u8, proptest::bool::ANY), 1..80),
+            retention in 1..60u64,
+        ) {
+            let names: NameOrder = Arc::new(|a: u64, b: u64| a.cmp(&b));
+            let gap = 10;
+            let (mut plain, mut sealed) = (UserState::default(), UserState::default());
+            let mut clock = 0u64;
+            let mut all: Vec<Event> = Vec::new();
+            for (i, (advance, item, dev, purchase)) in steps.into_iter().enumerate() {
+                clock += advance;
+                // In-bound: never at or before the seal point of the time it arrives at.
+                let seal = clock.checked_sub(retention);
+                let ts = seal.map_or(clock / 2, |s| s + 1 + (i as u64 * 7) % retention);
+                let e = Event {
+                    ts,
+                    user: 1,
+                    id: 1000 - i as u64,
+                    kind: if purchase { 99 } else { 1 },
+                    item: if item == 0 { crate::NO_ITEM } else { 100 + item },
+                    value_bits: (i as f64 * 0.5).to_bits(),
+                    device: [None, Some(Device::Mobile), Some(Device::Tablet)][dev as usize],
+                };
+                all.push(e);
+                plain.apply(&e, 1, gap, 99);
+                if let Some(s) = seal {
+                    sealed.seal(s, &names, None);
+                }
+                sealed.apply(&e, 1, gap, 99);
+                if let Some(s) = clock.checked_sub(retention) {
+                    sealed.seal(s, &names, None);
+                }
+                proptest::prop_assert_eq!(sealed.basics(&names, &names), plain.basics(&names, &names));
+            }
+            // An erasure reaching the sealed part: the sealed retractions take out the counts
+            // and spend, clear_sealed the rest.
+            let Some(point) = sealed.sealed.map(|s| s.last) else { return Ok(()) };
+            for e in all.iter().filter(|e| e.ts <= point) {
+                sealed.events -= 1;
+                sealed.add_spend(e, -1, 99);
+            }
+            sealed.clear_sealed(gap);
+            let mut later = UserState::default();
+            for e in all.iter().filter(|e| e.ts > point) {
+                later.apply(e, 1, gap, 99);
+            }
+            proptest::prop_assert_eq!(sealed.basics(&names, &names), later.basics(&names, &names));
+        }
     }
 }

@@ -20,6 +20,9 @@ pub type PendingByTime<D> =
 /// tie rules of SPEC §4, which are defined on the strings, not on their hashes.
 pub type NameOrder = Arc<dyn Fn(u64, u64) -> Ordering + Send + Sync>;
 
+/// Told that a hashed event id will not be compared again (its event's detail is sealed).
+pub type Forget = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// The `k` newest items of a `(latest touch, item)` index, newest first, ties by item id
 /// string: the order of SPEC §4's `recent_items`, and of the recommender's recent sets.
 pub fn newest_items(
@@ -112,7 +115,15 @@ pub struct Event {
     pub device: Option<Device>,
 }
 
+/// `id` of a sealed-detail retraction (see [`crate::gate`]): never the hash of an event id.
+pub const SEALED_ID: u64 = u64::MAX;
+
 impl Event {
+    /// A retraction of events the gate sealed: it stands for their kind, item, device and value,
+    /// not for one event at its `ts`. Only the all-time views read it; windowed views skip it.
+    pub fn is_sealed(&self) -> bool {
+        self.id == SEALED_ID
+    }
     pub fn value(&self) -> f64 {
         f64::from_bits(self.value_bits)
     }

@@ -16,17 +16,37 @@
 //! The gate's state is readable between steps ([`GateState`]): it is exactly what a restart
 //! needs to rebuild every view, so checkpoints copy it.
 //!
+//! # Retention (`retention: Some(r)`)
+//! At engine time `t` the **seal point** is `t - r`. An event (or a grant) with `ts` at or
+//! before the seal point when it reaches the gate is *too late*: it is not admitted, and the
+//! [`LateObserver`] hears of it (the shell dead-letters it). Held events at or before the seal
+//! point are **sealed**: admitted ones are folded into per-user counts by (type, item, device,
+//! value), which is all the all-time views need to retract them; withheld ones are dropped (only
+//! a too-late grant could still admit them). Sealing is lazy (a time-ordered queue visits a user
+//! somewhat after its oldest event passes the seal point) but always completed for a user before
+//! a control record or a retraction of theirs is applied, so what is sealed at `t` is exactly
+//! "the admitted events with `ts <= t - r`", on every worker, whatever the schedule.
+//!
+//! An erasure or revocation that withdraws any sealed event withdraws all of them (the sealed
+//! part has no timestamps to cut at): it emits one retraction per sealed key, an event with
+//! [`SEALED_ID`] as its id and `ts` 0 ([`Event::is_sealed`]). For a control record stamped after
+//! the seal point, which covers everything sealed, that is exact; only control records older
+//! than the retention over-erase (the safe side).
+//!
 //! Cost: O(1) per event (a push onto the user's held events); a control record costs O(the
-//! user's held events). Memory: every held event (a user's events after their last erasure and
-//! last revocation: the ones a later control record can still admit or withdraw), the erasure
-//! time and the consent records of each user that has them.
+//! user's held events and sealed keys); sealing costs O(the user's held events) per visit, a
+//! visit at most every `r / 16` of engine time per user. Memory: every held event (a user's
+//! events after their last erasure and last revocation, and within the retention when it is
+//! set), the sealed counts, the erasure time and the consent records of each user that has them.
 
-use crate::event::{route_hash, Event, Time};
+use crate::event::{route_hash, Device, Event, Time, SEALED_ID};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
+use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -44,6 +64,24 @@ impl ControlKinds {
     }
 }
 
+/// Told about the records the gate turns away because they arrived later than the retention
+/// (the I/O shell counts and dead-letters them).
+pub trait LateObserver: Send + Sync {
+    /// `event` (an event or a consent grant) has `ts <= seal`, the seal point at its arrival.
+    fn too_late(&self, event: &Event, seal: u64);
+}
+
+/// What a sealed event still means to the all-time views: its type, item, device and value.
+type SealedKey = (u64, u64, Option<Device>, u64);
+
+/// A user's sealed events, counted by key.
+#[derive(Default)]
+struct Sealed {
+    counts: HashMap<SealedKey, u64>,
+    /// The oldest sealed `ts`: a control record withdrawing it reaches into the sealed part.
+    min_ts: u64,
+}
+
 /// What is known of one user's controls, and the events that may still be admitted.
 #[derive(Default)]
 struct UserGate {
@@ -51,6 +89,9 @@ struct UserGate {
     erased_to: Option<u64>,
     /// Consent records: (ts, granted). A revocation and a grant at one ts are both kept.
     consents: BTreeSet<(u64, bool)>,
+    sealed: Option<Box<Sealed>>,
+    /// Whether the seal queue has an entry for this user.
+    queued: bool,
 }
 
 impl UserGate {
@@ -80,9 +121,66 @@ impl UserGate {
     }
 
     fn admits(bounds: (Option<u64>, u64), e: &Event) -> bool {
-        let (to, from) = bounds;
-        to.is_none_or(|to| e.ts > to) && e.ts >= from
+        Self::admits_ts(bounds, e.ts)
     }
+
+    fn admits_ts(bounds: (Option<u64>, u64), ts: u64) -> bool {
+        let (to, from) = bounds;
+        to.is_none_or(|to| ts > to) && ts >= from
+    }
+
+    /// Seals the held events with `ts <= seal` (admitted ones into counts, withheld ones away).
+    fn seal(&mut self, seal: u64) {
+        if !self.held.iter().any(|e| e.ts <= seal) {
+            return;
+        }
+        let bounds = self.bounds();
+        let mut kept = Vec::with_capacity(self.held.len());
+        for e in self.held.drain(..) {
+            if e.ts > seal {
+                kept.push(e);
+            } else if Self::admits(bounds, &e) {
+                let sealed = self.sealed.get_or_insert_with(|| {
+                    Box::new(Sealed {
+                        counts: HashMap::default(),
+                        min_ts: e.ts,
+                    })
+                });
+                sealed.min_ts = sealed.min_ts.min(e.ts);
+                *sealed.counts.entry(sealed_key(&e)).or_insert(0) += 1;
+            }
+        }
+        self.held = kept;
+    }
+
+    /// The oldest held `ts`.
+    fn oldest(&self) -> Option<u64> {
+        self.held.iter().map(|e| e.ts).min()
+    }
+}
+
+fn sealed_key(e: &Event) -> SealedKey {
+    (e.kind, e.item, e.device, e.value_bits)
+}
+
+/// The retraction record of `n` sealed events of `user` with `key`.
+fn sealed_event(user: u64, key: SealedKey) -> Event {
+    let (kind, item, device, value_bits) = key;
+    Event {
+        ts: 0,
+        user,
+        id: SEALED_ID,
+        kind,
+        item,
+        value_bits,
+        device,
+    }
+}
+
+/// How much later than its seal point a user with held events is visited: sealing then moves
+/// a batch of events at once instead of rescanning the held events for every one.
+fn seal_slack(retention: u64) -> u64 {
+    (retention / 16).max(1)
 }
 
 enum Update {
@@ -114,6 +212,7 @@ impl GateState {
     /// Every held event and every control record in force, as records that, fed again as input
     /// (events through de-duplication, control records as controls), rebuild this state and so
     /// every view downstream. Events of every complete time are in it; later ones may be too.
+    /// Sealed events are not (their detail is gone): checkpoints need retention off.
     pub fn records(&self, kinds: ControlKinds) -> Vec<Event> {
         let users = self.users.borrow();
         let mut out = Vec::new();
@@ -139,6 +238,13 @@ impl GateState {
     }
 }
 
+/// How long the gate keeps event detail, and who hears of records later than that.
+#[derive(Clone)]
+pub struct Retention {
+    pub retention_ms: u64,
+    pub late: Arc<dyn LateObserver>,
+}
+
 /// Admits `events` (de-duplicated) through `controls`, see the module doc. Both inputs are
 /// exchanged by user; the output stays on the user's worker. The returned state is this
 /// worker's share, for checkpoints.
@@ -146,6 +252,7 @@ pub fn gate<'s>(
     events: VecCollection<'s, Time, Event>,
     controls: VecCollection<'s, Time, Event>,
     kinds: ControlKinds,
+    retention: Option<Retention>,
 ) -> (VecCollection<'s, Time, Event>, GateState) {
     let state = GateState::default();
     let shared = state.users.clone();
@@ -161,6 +268,8 @@ pub fn gate<'s>(
                 let mut pending: BTreeMap<Time, (Capability<Time>, Vec<Update>)> = BTreeMap::new();
                 let users = shared;
                 let mut changes: Vec<(Event, isize)> = Vec::new();
+                // (due time, user): when to visit a user to seal its oldest held events.
+                let mut queue: BinaryHeap<Reverse<(Time, u64)>> = BinaryHeap::new();
                 move |(events, events_frontier), (controls, controls_frontier), output| {
                     events.for_each(|cap, data| {
                         for (e, time, diff) in data.drain(..) {
@@ -188,15 +297,54 @@ pub fn gate<'s>(
                         }
                         let (time, (cap, mut batch)) = entry.remove_entry();
                         let mut users = users.borrow_mut();
+                        let seal = retention
+                            .as_ref()
+                            .and_then(|r| time.checked_sub(r.retention_ms));
+                        if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
+                            let slack = seal_slack(r.retention_ms);
+                            while let Some(&Reverse((due, user))) = queue.peek() {
+                                if due > time {
+                                    break;
+                                }
+                                queue.pop();
+                                let Some(gate) = users.get_mut(&user) else {
+                                    continue;
+                                };
+                                gate.queued = false;
+                                gate.seal(seal);
+                                requeue(gate, user, r.retention_ms + slack, &mut queue);
+                                if gate.is_empty() {
+                                    users.remove(&user);
+                                }
+                            }
+                        }
                         // Controls first: this time's events are judged by this time's rules.
                         batch.sort_by_key(|u| matches!(u, Update::Event(..)));
                         for update in batch {
                             match update {
                                 Update::Control(c) => {
+                                    if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
+                                        if c.kind == kinds.consent
+                                            && c.value() > 0.0
+                                            && c.ts <= seal
+                                        {
+                                            r.late.too_late(&c, seal);
+                                            continue;
+                                        }
+                                    }
                                     let user = users.entry(c.user).or_default();
+                                    if let Some(seal) = seal {
+                                        user.seal(seal);
+                                    }
                                     control(user, c, &kinds, &mut changes);
                                 }
                                 Update::Event(e, diff) => {
+                                    if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
+                                        if diff > 0 && e.ts <= seal {
+                                            r.late.too_late(&e, seal);
+                                            continue;
+                                        }
+                                    }
                                     let user = users.entry(e.user).or_default();
                                     let bounds = user.bounds();
                                     // Erased, or before the last revocation: never admitted
@@ -206,6 +354,21 @@ pub fn gate<'s>(
                                     }
                                     if diff > 0 {
                                         user.held.extend(std::iter::repeat_n(e, diff as usize));
+                                        if let Some(r) = retention.as_ref() {
+                                            let after = r.retention_ms + seal_slack(r.retention_ms);
+                                            requeue(user, e.user, after, &mut queue);
+                                        }
+                                    } else if seal.is_some_and(|s| e.ts <= s) {
+                                        // A retraction of an event old enough to be sealed (a
+                                        // conflicting duplicate later than the retention).
+                                        if let Some(s) = seal {
+                                            user.seal(s);
+                                        }
+                                        let n = unseal(user, &e, diff.unsigned_abs() as u64);
+                                        if n > 0 {
+                                            changes.push((e, -(n as isize)));
+                                        }
+                                        continue;
                                     } else {
                                         for _ in 0..diff.unsigned_abs() {
                                             if let Some(i) = user.held.iter().position(|h| *h == e)
@@ -234,6 +397,51 @@ pub fn gate<'s>(
     (admitted, state)
 }
 
+impl UserGate {
+    fn is_empty(&self) -> bool {
+        self.held.is_empty()
+            && self.sealed.is_none()
+            && self.erased_to.is_none()
+            && self.consents.is_empty()
+    }
+}
+
+/// Queues a visit of `user` for `after` past its oldest held event, unless one is queued.
+fn requeue(
+    gate: &mut UserGate,
+    user: u64,
+    after: u64,
+    queue: &mut BinaryHeap<Reverse<(Time, u64)>>,
+) {
+    if gate.queued {
+        return;
+    }
+    if let Some(oldest) = gate.oldest() {
+        queue.push(Reverse((oldest.saturating_add(after), user)));
+        gate.queued = true;
+    }
+}
+
+/// Takes up to `n` sealed events with `e`'s key out of `user`'s sealed counts; how many.
+fn unseal(user: &mut UserGate, e: &Event, n: u64) -> u64 {
+    let Some(sealed) = user.sealed.as_mut() else {
+        return 0;
+    };
+    let key = sealed_key(e);
+    let Some(count) = sealed.counts.get_mut(&key) else {
+        return 0;
+    };
+    let taken = n.min(*count);
+    *count -= taken;
+    if *count == 0 {
+        sealed.counts.remove(&key);
+        if sealed.counts.is_empty() {
+            user.sealed = None;
+        }
+    }
+    taken
+}
+
 /// Applies control record `c` to `user`: emits the admissions it withdraws and grants.
 fn control(user: &mut UserGate, c: Event, kinds: &ControlKinds, changes: &mut Vec<(Event, isize)>) {
     let before = user.bounds();
@@ -245,6 +453,15 @@ fn control(user: &mut UserGate, c: Event, kinds: &ControlKinds, changes: &mut Ve
     let after = user.bounds();
     if before == after {
         return;
+    }
+    // Sealed events were all admitted; withdrawing any of them withdraws them all.
+    if let Some(sealed) = user
+        .sealed
+        .take_if(|s| !UserGate::admits_ts(after, s.min_ts))
+    {
+        for (key, n) in sealed.counts {
+            changes.push((sealed_event(c.user, key), -(n as isize)));
+        }
     }
     for e in &user.held {
         match (UserGate::admits(before, e), UserGate::admits(after, e)) {

@@ -242,7 +242,8 @@ pub fn interactions<'s>(
                     }
                     for (e, diff) in &batch {
                         let due = e.ts.saturating_add(config.horizon_ms);
-                        if !e.has_item() || due <= time {
+                        // Sealed retractions stand for touches older than the horizon.
+                        if !e.has_item() || due <= time || e.is_sealed() {
                             continue;
                         }
                         let weight = config.weight(e.kind);

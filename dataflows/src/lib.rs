@@ -13,8 +13,8 @@
 //! | view | per event | state |
 //! |---|---|---|
 //! | [`dedup`] | O(1) | one entry per id within the dedup horizon |
-//! | [`gate`] | O(1); an erasure or consent record costs O(the user's events) | every event since the user's last erasure |
-//! | [`basics`] | O(log n) in the user's history | one ordered entry per distinct (user, ts), (user, item, ts), device event |
+//! | [`gate`] | O(1); an erasure or consent record costs O(the user's events) | every event since the user's last erasure (with a retention: within it, plus sealed counts) |
+//! | [`basics`] | O(log n) in the user's history | one ordered entry per distinct (user, ts), (user, item, ts), device event (with a retention: within it, plus one per (user, item) and a sealed summary) |
 //! | [`counts`] | 1-2 updates | one record per (user, type / device) |
 //! | [`windows`] | 2 updates, O(log pending) | one record per event within the widest window |
 //! | [`categories`] | O(1); a catalog change costs O(users of the item) | one record per (item, user) |
@@ -43,8 +43,8 @@ pub mod windows;
 
 pub use basics::Basics;
 pub use dedup::DedupObserver;
-pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM};
-pub use gate::{ControlKinds, GateState};
+pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM, SEALED_ID};
+pub use gate::{ControlKinds, GateState, LateObserver, Retention};
 pub use interactions::{Affinity, InteractionConfig};
 pub use popular::{Popular, PopularConfig};
 pub use profile::{

@@ -41,12 +41,16 @@ pub fn popular<'s>(
     config: &PopularConfig,
 ) -> VecCollection<'s, Time, (u64, Popular)> {
     let window = config.window_ms;
-    let counted = release_when_due(events.filter(|e| e.has_item()).join_function(move |e| {
-        [
-            (e.item, 0, 1isize),
-            (e.item, e.ts.saturating_add(window), -1),
-        ]
-    }));
+    let counted = release_when_due(
+        events
+            .filter(|e| e.has_item() && !e.is_sealed())
+            .join_function(move |e| {
+                [
+                    (e.item, 0, 1isize),
+                    (e.item, e.ts.saturating_add(window), -1),
+                ]
+            }),
+    );
     let counts = refreshed(counted, refresh).count();
     let by_category = counts
         .clone()

@@ -64,6 +64,12 @@ pub struct ViewConfig {
     /// Type hashes of the erasure and consent control records.
     pub controls: gate::ControlKinds,
     pub names: NameOrder,
+    /// Orders event ids (the `last_device` tie rule).
+    pub event_ids: NameOrder,
+    /// Detail older than this behind the clock is sealed (`None`: kept, see [`gate`]).
+    pub retention: Option<gate::Retention>,
+    /// Hears of the event ids sealed detail no longer needs.
+    pub forget_event_id: Option<crate::event::Forget>,
 }
 
 /// The arrangements every worker maintains.
@@ -96,12 +102,15 @@ pub fn profiles<'s>(
         dedup::dedup(raw, config.dedup_horizon_ms, stats),
         controls,
         config.controls,
+        config.retention.clone(),
     );
     let basics = basics::basics(
         events.clone(),
         config.session_gap_ms,
         config.purchase_kind,
-        config.names.clone(),
+        (config.names.clone(), config.event_ids.clone()),
+        config.retention.as_ref().map(|r| r.retention_ms),
+        config.forget_event_id.clone(),
     );
     let recommend =
         recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), refresh, r));

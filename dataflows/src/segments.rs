@@ -109,6 +109,8 @@ pub fn segments<'s>(
     if !widths.is_empty() {
         let windowed = events.join_function(move |e: Event| {
             let user = UserKey(e.user);
+            // Sealed retractions stand for events far older than any window.
+            let widths = if e.is_sealed() { &[][..] } else { &widths[..] };
             widths
                 .iter()
                 .flat_map(|(w, width)| {

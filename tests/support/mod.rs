@@ -42,10 +42,22 @@ pub fn replay_lines(
     catalog: &[String],
     workers: usize,
 ) -> (Vec<serde_json::Value>, persona::replay::Summary) {
+    replay_with(events, catalog, settings(workers)).0
+}
+
+/// [`replay_lines`] with `settings`; also returns the dead-letter records.
+pub fn replay_with(
+    events: &[String],
+    catalog: &[String],
+    settings: Settings,
+) -> (
+    (Vec<serde_json::Value>, persona::replay::Summary),
+    Vec<serde_json::Value>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (ev, cat) = write_log(dir.path(), events, catalog);
     let dead = dir.path().join("dead.jsonl");
-    let replayed = persona::replay::replay(settings(workers), &ev, Some(&cat), &dead, None, false)
+    let replayed = persona::replay::replay(settings, &ev, Some(&cat), &dead, None, false)
         .expect("replay runs");
     let profiles = replayed
         .profiles
@@ -55,7 +67,12 @@ pub fn replay_lines(
     let summary = replayed.summary.clone();
     replayed.shared.shutdown();
     replayed.join().expect("workers stop cleanly");
-    (profiles, summary)
+    let dead_letters = std::fs::read_to_string(&dead)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("dead letters are JSON"))
+        .collect();
+    ((profiles, summary), dead_letters)
 }
 
 /// Asserts two profile lists are equal, floats to 1e-9 relative.
