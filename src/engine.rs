@@ -533,6 +533,10 @@ impl persona_dataflows::LateObserver for LateRecords {
         if let Some(d) = event.device {
             raw["device"] = serde_json::json!({"type": d.as_str()});
         }
+        if event.kind == self.0.controls.consent {
+            raw["properties"] = serde_json::json!({"personalization": event.value() > 0.0});
+            raw.as_object_mut().map(|o| o.remove("value"));
+        }
         let raw = raw.to_string();
         self.0
             .dead
@@ -982,8 +986,16 @@ fn run_worker(
             }
             // The batch enters at a clock that has seen it: under the event clock, ids the
             // de-duplication remembers for a horizon from their entry time are not entered at a
-            // time far behind their own ts (time 0 on a first batch).
-            let local_max = batch.iter().map(|e| e.ts).max().unwrap_or(0);
+            // time far behind their own ts (time 0 on a first batch). Control records do not
+            // move it: they act by their ts whenever they arrive, and one stamped far ahead of
+            // the events would otherwise age out windows (and, with a retention, make the
+            // events after it too late) before the replay's final time, the last event's ts.
+            let local_max = batch
+                .iter()
+                .filter(|e| !shared.controls.is_control(e))
+                .map(|e| e.ts)
+                .max()
+                .unwrap_or(0);
             worker_max_ts = worker_max_ts.max(local_max);
             if let Some(m) = inputs.max_ts.as_mut() {
                 m.offer(worker_max_ts);
