@@ -22,7 +22,7 @@ DIR=target/bench/soak
 rm -rf "$DIR"
 mkdir -p "$DIR"
 cargo build --release --quiet
-BIN=target/release/persona
+BIN=${BIN:-target/release/persona}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 $BIN generate --out "$DIR/all.jsonl" --events "$EVENTS" --users "$USERS" --items "$ITEMS" --span "$SPAN" --seed 3 >/dev/null
@@ -55,14 +55,15 @@ until curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1; do sleep 0.1; d
 WRITER=$!
 
 echo "# soak: $EVENTS events from $USERS users and $ITEMS items over $SPAN of event time, appended at $RATE lines/s; $WORKERS workers, recommendations off, retention ${RETENTION:-off}; $(nproc) cores"
-echo "| elapsed | events read | RSS | peak RSS |"
-echo "|---:|---:|---:|---:|"
+echo "| elapsed | events read | RSS | peak RSS | event ids held |"
+echo "|---:|---:|---:|---:|---:|"
 start=$(date +%s)
 while :; do
   sleep "$EVERY"
   read_so_far=$(curl -sf "http://127.0.0.1:$PORT/v1/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["counters"]["events_in"])')
   rss=$(awk '/VmRSS/{printf "%d", $2/1024}' /proc/$PID/status)
   hwm=$(awk '/VmHWM/{printf "%d", $2/1024}' /proc/$PID/status)
-  echo "| $(( $(date +%s) - start )) s | $read_so_far | $rss MiB | $hwm MiB |"
+  ids=$(curl -sf "http://127.0.0.1:$PORT/metrics" | awk '/^persona_names\{table="event_ids"\}/{print $2}')
+  echo "| $(( $(date +%s) - start )) s | $read_so_far | $rss MiB | $hwm MiB | $ids |"
   if ! kill -0 "$WRITER" 2>/dev/null && [[ "$read_so_far" -ge "$EVENTS" ]]; then break; fi
 done

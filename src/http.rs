@@ -1014,6 +1014,9 @@ fn readyz(shared: &Arc<Shared>) -> Reply {
 }
 
 fn metrics(shared: &Arc<Shared>) -> Reply {
+    shared
+        .metrics
+        .set_names(shared.names.len(), shared.names.event_ids());
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(
         shared.metrics.render(),
     ))));

@@ -6,6 +6,9 @@ use persona::config::{ClockMode, Config, Settings};
 use std::io::Write;
 use std::path::PathBuf;
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "persona",

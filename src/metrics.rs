@@ -27,6 +27,11 @@ pub struct TriggerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
 }
@@ -62,6 +67,7 @@ struct Inner {
     checkpoints: Counter,
     checkpoint_failures: Counter,
     checkpoint_bytes: Gauge,
+    names: Family<TableLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -190,8 +196,15 @@ impl Metrics {
             "Size of the newest checkpoint written",
             checkpoint_bytes.clone(),
         );
+        let names = Family::<TableLabel, Gauge>::default();
+        registry.register(
+            "names",
+            "Strings remembered for hashes: user and item ids and names (`names`), and the event ids of device events not yet sealed (`event_ids`)",
+            names.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                names,
                 checkpoints,
                 checkpoint_failures,
                 checkpoint_bytes,
@@ -340,6 +353,18 @@ impl Metrics {
 
     pub fn stream_dropped(&self) {
         self.inner.streams_dropped.inc();
+    }
+
+    /// Sizes of the name tables, set when the metrics are read.
+    pub fn set_names(&self, names: usize, event_ids: usize) {
+        for (table, n) in [("names", names), ("event_ids", event_ids)] {
+            self.inner
+                .names
+                .get_or_create(&TableLabel {
+                    table: table.to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn render(&self) -> String {

@@ -108,6 +108,15 @@ impl Names {
         self.event_ids.remove(&h);
     }
 
+    /// How many ids and names (other than event ids) are remembered.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
     /// How many event ids are remembered.
     pub fn event_ids(&self) -> usize {
         self.event_ids.len()

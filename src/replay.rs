@@ -96,8 +96,12 @@ pub fn replay(
     }
     let mut settings = settings;
     // A replay de-duplicates across the whole log, whatever its span: the result must be the
-    // log's, not a function of how far apart its copies happen to be.
-    settings.dedup_horizon_ms = u64::MAX;
+    // log's, not a function of how far apart its copies happen to be. Under a retention, an
+    // id need only be remembered for it: a copy of an event accepted longer ago than that has
+    // that event's `ts`, now at or before the seal point, so it is too late anyway.
+    settings.dedup_horizon_ms = settings
+        .retention_ms
+        .map_or(u64::MAX, |r| r.max(settings.dedup_horizon_ms));
     let workers = settings.workers;
     let shared = Shared::new(
         settings,

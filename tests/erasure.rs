@@ -153,6 +153,13 @@ fn tokens_guard_reads_and_erasure() {
         text.contains("persona_requests_refused_total{reason=\"forbidden\"} 1"),
         "{text}"
     );
+    // The name table holds the users and items read (the event-id table only device events').
+    let names: Option<u64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("persona_names{table=\"names\"} "))
+        .and_then(|v| v.parse().ok());
+    assert!(names.is_some_and(|n| n > 0), "{text}");
+    assert!(text.contains("persona_names{table=\"event_ids\"} "), "{text}");
     p.stop();
     assert!(
         !p.log_contains(READ) && !p.log_contains(ADMIN),

@@ -179,8 +179,7 @@ impl UserState {
 
     fn add_spend(&mut self, e: &Event, diff: i64, purchase_kind: u64) {
         if e.kind == purchase_kind {
-            let nanos = (e.value() * NANOS).round() as i128;
-            self.spend_nanos += nanos * diff as i128;
+            self.spend_nanos += e.value_nanos() * diff as i128;
         }
     }
 

@@ -111,6 +111,7 @@ pub struct Event {
     /// Hash of `item_id`, or [`NO_ITEM`].
     pub item: u64,
     /// `value` as `f64` bits (non-negative, so the bit order is the numeric order); 0 if absent.
+    /// In a sealed retraction ([`Event::is_sealed`]): summed nanos, see [`Event::value_nanos`].
     pub value_bits: u64,
     pub device: Option<Device>,
 }
@@ -126,6 +127,15 @@ impl Event {
     }
     pub fn value(&self) -> f64 {
         f64::from_bits(self.value_bits)
+    }
+    /// `value` in billionths, the unit spend is summed in (exact for decimal prices). A sealed
+    /// retraction carries its events' summed nanos in `value_bits` instead (see [`crate::gate`]).
+    pub fn value_nanos(&self) -> i128 {
+        if self.is_sealed() {
+            i128::from(self.value_bits)
+        } else {
+            (self.value() * 1e9).round() as i128
+        }
     }
     pub fn has_item(&self) -> bool {
         self.item != NO_ITEM

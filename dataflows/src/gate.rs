@@ -20,21 +20,24 @@
 //! At engine time `t` the **seal point** is `t - r`. An event (or a grant) with `ts` at or
 //! before the seal point when it reaches the gate is *too late*: it is not admitted, and the
 //! [`LateObserver`] hears of it (the shell dead-letters it). Held events at or before the seal
-//! point are **sealed**: admitted ones are folded into per-user counts by (type, item, device,
-//! value), which is all the all-time views need to retract them; withheld ones are dropped (only
+//! point are **sealed**: admitted ones are folded into per-user counts by (type, item) with their
+//! summed value, and by device, which is all the all-time views need to retract them (so this
+//! grows with the items a user touched, not with their events); withheld ones are dropped (only
 //! a too-late grant could still admit them). Sealing is lazy (a time-ordered queue visits a user
 //! somewhat after its oldest event passes the seal point) but always completed for a user before
 //! a control record or a retraction of theirs is applied, so what is sealed at `t` is exactly
 //! "the admitted events with `ts <= t - r`", on every worker, whatever the schedule.
 //!
 //! An erasure or revocation that withdraws any sealed event withdraws all of them (the sealed
-//! part has no timestamps to cut at): it emits one retraction per sealed key, an event with
-//! [`SEALED_ID`] as its id and `ts` 0 ([`Event::is_sealed`]). For a control record stamped after
-//! the seal point, which covers everything sealed, that is exact; only control records older
-//! than the retention over-erase (the safe side).
+//! part has no timestamps to cut at): it emits retraction records whose types, items, devices
+//! and values add up to the sealed events', each an event with [`SEALED_ID`] as its id and `ts` 0
+//! ([`Event::is_sealed`]); a record's value is summed nanos ([`Event::value_nanos`]). No view
+//! reads the pairing of type and item with device, so any pairing that adds up is exact. For a
+//! control record stamped after the seal point, which covers everything sealed, that is exact;
+//! only control records older than the retention over-erase (the safe side).
 //!
 //! Cost: O(1) per event (a push onto the user's held events); a control record costs O(the
-//! user's held events and sealed keys); sealing costs O(the user's held events) per visit, a
+//! user's held events and sealed (type, item) pairs); sealing costs O(the user's held events) per visit, a
 //! visit at most every `r / 16` of engine time per user. Memory: every held event (a user's
 //! events after their last erasure and last revocation, and within the retention when it is
 //! set), the sealed counts, the erasure time and the consent records of each user that has them.
@@ -71,15 +74,117 @@ pub trait LateObserver: Send + Sync {
     fn too_late(&self, event: &Event, seal: u64);
 }
 
-/// What a sealed event still means to the all-time views: its type, item, device and value.
-type SealedKey = (u64, u64, Option<Device>, u64);
-
-/// A user's sealed events, counted by key.
+/// A user's sealed events, reduced to what the all-time views read of them: how many of each
+/// (type, item) with their summed value, and how many of each device. Keeping the two apart
+/// (rather than counting by type, item, device and value) bounds this by the items a user
+/// touched, not by their purchases' distinct prices.
 #[derive(Default)]
 struct Sealed {
-    counts: HashMap<SealedKey, u64>,
+    /// (type, item) → (events, summed value in nanos).
+    items: HashMap<(u64, u64), (u64, i128)>,
+    /// Events by device: index 0 is no device, then [`Device`] in order.
+    devices: [u64; 5],
     /// The oldest sealed `ts`: a control record withdrawing it reaches into the sealed part.
     min_ts: u64,
+}
+
+fn device_index(device: Option<Device>) -> usize {
+    match device {
+        None => 0,
+        Some(Device::Desktop) => 1,
+        Some(Device::Mobile) => 2,
+        Some(Device::Other) => 3,
+        Some(Device::Tablet) => 4,
+    }
+}
+
+const DEVICES: [Option<Device>; 5] = [
+    None,
+    Some(Device::Desktop),
+    Some(Device::Mobile),
+    Some(Device::Other),
+    Some(Device::Tablet),
+];
+
+impl Sealed {
+    fn add(&mut self, e: &Event) {
+        let entry = self.items.entry((e.kind, e.item)).or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 = entry.1.saturating_add(e.value_nanos());
+        self.devices[device_index(e.device)] += 1;
+        self.min_ts = self.min_ts.min(e.ts);
+    }
+
+    /// Takes up to `n` events like `e` out (same type, item and device); how many.
+    fn take(&mut self, e: &Event, n: u64) -> u64 {
+        let d = device_index(e.device);
+        let Some(entry) = self.items.get_mut(&(e.kind, e.item)) else {
+            return 0;
+        };
+        let taken = n.min(entry.0).min(self.devices[d]);
+        entry.0 -= taken;
+        entry.1 = (entry.1 - e.value_nanos().saturating_mul(taken as i128)).max(0);
+        self.devices[d] -= taken;
+        if entry.0 == 0 {
+            self.items.remove(&(e.kind, e.item));
+        }
+        taken
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Retractions of every sealed event of `user`: records whose types, items, devices and
+    /// summed values add up to the sealed ones' (the all-time views read nothing else). Each
+    /// (type, item) is paired with devices in turn; its summed value rides on one record
+    /// ([`Event::value_nanos`]), in `u64::MAX`-nanos pieces if it must.
+    fn retractions(self, user: u64) -> Vec<(Event, isize)> {
+        let mut items: Vec<((u64, u64), (u64, i128))> = self.items.into_iter().collect();
+        items.sort_unstable();
+        let mut devices = self.devices;
+        let mut d = 0;
+        let mut out = Vec::new();
+        let mut emit =
+            |kind: u64, item: u64, mut n: u64, nanos: u64, out: &mut Vec<(Event, isize)>| {
+                while n > 0 {
+                    while d < devices.len() - 1 && devices[d] == 0 {
+                        d += 1;
+                    }
+                    // The device counts add up to the events; were they ever short, the rest
+                    // would go without a device rather than be lost.
+                    let m = if devices[d] == 0 {
+                        n
+                    } else {
+                        n.min(devices[d])
+                    };
+                    devices[d] = devices[d].saturating_sub(m);
+                    let event = Event {
+                        ts: 0,
+                        user,
+                        id: SEALED_ID,
+                        kind,
+                        item,
+                        value_bits: nanos,
+                        device: DEVICES[d],
+                    };
+                    out.push((event, -(m as isize)));
+                    n -= m;
+                }
+            };
+        for ((kind, item), (mut n, nanos)) in items {
+            let mut nanos = u128::try_from(nanos).unwrap_or(0);
+            // One record per piece of the summed value, then the rest with none.
+            while nanos > 0 && n > 0 {
+                let piece = u64::try_from(nanos).unwrap_or(u64::MAX);
+                emit(kind, item, 1, piece, &mut out);
+                nanos -= u128::from(piece);
+                n -= 1;
+            }
+            emit(kind, item, n, 0, &mut out);
+        }
+        out
+    }
 }
 
 /// What is known of one user's controls, and the events that may still be admitted.
@@ -140,14 +245,14 @@ impl UserGate {
             if e.ts > seal {
                 kept.push(e);
             } else if Self::admits(bounds, &e) {
-                let sealed = self.sealed.get_or_insert_with(|| {
-                    Box::new(Sealed {
-                        counts: HashMap::default(),
-                        min_ts: e.ts,
+                self.sealed
+                    .get_or_insert_with(|| {
+                        Box::new(Sealed {
+                            min_ts: e.ts,
+                            ..Sealed::default()
+                        })
                     })
-                });
-                sealed.min_ts = sealed.min_ts.min(e.ts);
-                *sealed.counts.entry(sealed_key(&e)).or_insert(0) += 1;
+                    .add(&e);
             }
         }
         self.held = kept;
@@ -156,24 +261,6 @@ impl UserGate {
     /// The oldest held `ts`.
     fn oldest(&self) -> Option<u64> {
         self.held.iter().map(|e| e.ts).min()
-    }
-}
-
-fn sealed_key(e: &Event) -> SealedKey {
-    (e.kind, e.item, e.device, e.value_bits)
-}
-
-/// The retraction record of `n` sealed events of `user` with `key`.
-fn sealed_event(user: u64, key: SealedKey) -> Event {
-    let (kind, item, device, value_bits) = key;
-    Event {
-        ts: 0,
-        user,
-        id: SEALED_ID,
-        kind,
-        item,
-        value_bits,
-        device,
     }
 }
 
@@ -422,22 +509,14 @@ fn requeue(
     }
 }
 
-/// Takes up to `n` sealed events with `e`'s key out of `user`'s sealed counts; how many.
+/// Takes up to `n` sealed events like `e` out of `user`'s sealed part; how many.
 fn unseal(user: &mut UserGate, e: &Event, n: u64) -> u64 {
     let Some(sealed) = user.sealed.as_mut() else {
         return 0;
     };
-    let key = sealed_key(e);
-    let Some(count) = sealed.counts.get_mut(&key) else {
-        return 0;
-    };
-    let taken = n.min(*count);
-    *count -= taken;
-    if *count == 0 {
-        sealed.counts.remove(&key);
-        if sealed.counts.is_empty() {
-            user.sealed = None;
-        }
+    let taken = sealed.take(e, n);
+    if sealed.is_empty() {
+        user.sealed = None;
     }
     taken
 }
@@ -459,9 +538,7 @@ fn control(user: &mut UserGate, c: Event, kinds: &ControlKinds, changes: &mut Ve
         .sealed
         .take_if(|s| !UserGate::admits_ts(after, s.min_ts))
     {
-        for (key, n) in sealed.counts {
-            changes.push((sealed_event(c.user, key), -(n as isize)));
-        }
+        changes.extend(sealed.retractions(c.user));
     }
     for e in &user.held {
         match (UserGate::admits(before, e), UserGate::admits(after, e)) {
@@ -473,5 +550,80 @@ fn control(user: &mut UserGate, c: Event, kinds: &ControlKinds, changes: &mut Ve
     if let Some(to) = after.0 {
         user.held.retain(|e| e.ts > to);
         user.held.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// What the all-time views read of a multiset of events: counts by type, by device, by
+    /// item, by (type, item), and summed value nanos by type.
+    fn projections(events: &[(Event, i64)]) -> BTreeMap<String, i128> {
+        let mut out: BTreeMap<String, i128> = BTreeMap::new();
+        let mut add = |k: String, v: i128| {
+            *out.entry(k).or_default() += v;
+        };
+        for (e, n) in events {
+            let n = i128::from(*n);
+            add(format!("type {}", e.kind), n);
+            add(format!("device {:?}", e.device), n);
+            add(format!("item {}", e.item), n);
+            add(format!("type-item {} {}", e.kind, e.item), n);
+            add(format!("value {}", e.kind), e.value_nanos() * n);
+        }
+        out.retain(|_, v| *v != 0);
+        out
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        (
+            0..50u64,
+            1..4u64,
+            0..4u64,
+            prop::option::of(0..4usize),
+            prop::option::of(0..3usize),
+        )
+            .prop_map(|(ts, kind, item, device, value)| Event {
+                ts,
+                user: 7,
+                id: ts * 1000 + kind * 10 + item,
+                kind,
+                item,
+                value_bits: value.map_or(0.0f64, |v| [0.1, 19.99, 1e9][v]).to_bits(),
+                device: device.map(|d| DEVICES[d + 1].unwrap()),
+            })
+    }
+
+    proptest! {
+        /// The sealed part's retractions cancel exactly what its events added to the views,
+        /// also after some of them were taken out again.
+        #[test]
+        fn retractions_cancel_the_sealed_events(
+            events in prop::collection::vec(event(), 1..40),
+            taken in prop::collection::vec(0..40usize, 0..5),
+        ) {
+            let mut sealed = Sealed { min_ts: u64::MAX, ..Sealed::default() };
+            for e in &events {
+                sealed.add(e);
+            }
+            let mut left: Vec<Event> = events.clone();
+            for i in taken {
+                if i < left.len() {
+                    let e = left[i];
+                    prop_assert_eq!(sealed.take(&e, 1), 1);
+                    left.swap_remove(i);
+                }
+            }
+            let mut all: Vec<(Event, i64)> = left.iter().map(|e| (*e, 1)).collect();
+            let retractions = if sealed.is_empty() { Vec::new() } else { sealed.retractions(7) };
+            for (r, n) in &retractions {
+                prop_assert!(r.is_sealed() && r.user == 7 && *n < 0);
+                all.push((*r, *n as i64));
+            }
+            prop_assert_eq!(projections(&all), BTreeMap::new());
+        }
     }
 }
