@@ -159,7 +159,10 @@ fn tokens_guard_reads_and_erasure() {
         .find_map(|l| l.strip_prefix("persona_names{table=\"names\"} "))
         .and_then(|v| v.parse().ok());
     assert!(names.is_some_and(|n| n > 0), "{text}");
-    assert!(text.contains("persona_names{table=\"event_ids\"} "), "{text}");
+    assert!(
+        text.contains("persona_names{table=\"event_ids\"} "),
+        "{text}"
+    );
     p.stop();
     assert!(
         !p.log_contains(READ) && !p.log_contains(ADMIN),
