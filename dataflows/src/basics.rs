@@ -33,7 +33,9 @@
 //! [`Basics`] per user. (Counts by type and devices are additive and live in
 //! [`crate::counts`].)
 
-use crate::event::{newest_items, Device, Event, Forget, NameOrder, PendingByTime, Time, UserKey};
+use crate::event::{
+    newest_items, Device, Event, Forget, NameOrder, PendingByTime, Time, UserKey, NANOS,
+};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
@@ -77,9 +79,6 @@ impl Basics {
         self.duration_sum / self.sessions.max(1)
     }
 }
-
-/// Spend is summed exactly in nano-units so that retractions cancel without float drift.
-const NANOS: f64 = 1e9;
 
 /// A user's detail at or before the seal point, folded.
 #[derive(Clone, Copy, Debug, Default)]

@@ -116,6 +116,9 @@ pub struct Event {
     pub device: Option<Device>,
 }
 
+/// Billionths per unit of `value`: spend is summed in whole nanos, exact for decimal prices.
+pub const NANOS: f64 = 1e9;
+
 /// `id` of a sealed-detail retraction (see [`crate::gate`]): never the hash of an event id.
 pub const SEALED_ID: u64 = u64::MAX;
 
@@ -134,7 +137,7 @@ impl Event {
         if self.is_sealed() {
             i128::from(self.value_bits)
         } else {
-            (self.value() * 1e9).round() as i128
+            (self.value() * NANOS).round() as i128
         }
     }
     pub fn has_item(&self) -> bool {
