@@ -8,6 +8,11 @@
 //! * the catalog read from the catalog topic, with the partition each item came from;
 //! * the engine clock, the largest `ts` seen, and the Kafka positions: every message below a
 //!   position is in the records;
+//! * with a retention, what sealing folded away: the gate's sealed counts, as sealed records
+//!   ([`Event::is_sealed`]) fed back as control records, and the basics' sealed parts, seeded
+//!   on their users' workers before the records are fed. Both are copied sealed to the same
+//!   point (the seal point of the latest time the gate applied), once the basics have applied
+//!   everything the gate emitted: the worker steps without reading until they have;
 //! * the strings of the ids those records name.
 //!
 //! Consistency: taken in two phases across the process's workers. Each worker first notes the
@@ -26,7 +31,7 @@
 use crate::metrics::Metrics;
 use crate::names::Names;
 use anyhow::{bail, Context, Result};
-use persona_dataflows::{ControlKinds, Event, NO_ITEM};
+use persona_dataflows::{ControlKinds, Event, SealedBasics, NO_ITEM, SEALED_ID};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::Write;
@@ -36,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Format version: a checkpoint of another version is not used.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"PRSNCKPT";
 /// Magic, version, length, checksum.
 const HEADER: usize = 8 + 4 + 8 + 8;
@@ -73,6 +78,10 @@ pub struct Checkpoint {
     pub catalog: Vec<CatalogEntry>,
     /// Gate records: events, then control records, in no particular order.
     pub records: Vec<Event>,
+    /// With a retention: the gate's sealed records, and how many events each stands for.
+    pub sealed: Vec<(Event, u64)>,
+    /// With a retention: the basics' sealed parts.
+    pub basics: Vec<SealedBasics>,
     /// Strings of the ids that `records` and `catalog` name.
     pub names: Vec<(u64, String)>,
 }
@@ -85,10 +94,18 @@ impl Checkpoint {
         for e in self.records.iter().filter(|e| !kinds.is_control(e)) {
             ids.extend([e.user, e.id, e.kind, e.item]);
         }
+        for (e, _) in &self.sealed {
+            ids.extend([e.user, e.kind, e.item]);
+        }
+        for b in &self.basics {
+            ids.insert(b.user);
+            ids.extend(b.items());
+        }
         for c in &self.catalog {
             ids.extend([c.item, c.category]);
         }
         ids.remove(&NO_ITEM);
+        ids.remove(&SEALED_ID);
         self.names = ids
             .into_iter()
             .filter_map(|h| names.get(h).map(|s| (h, s.to_string())))
@@ -288,6 +305,8 @@ pub struct Part {
     pub clock: u64,
     pub max_ts: u64,
     pub records: Vec<Event>,
+    pub sealed: Vec<(Event, u64)>,
+    pub basics: Vec<SealedBasics>,
     pub catalog: Vec<CatalogEntry>,
 }
 
@@ -389,6 +408,8 @@ impl Coordinator {
                             tracing::info!(
                                 path = %path.display(),
                                 records = c.records.len(),
+                                sealed_records = c.sealed.len(),
+                                sealed_users = c.basics.len(),
                                 bytes,
                                 ms = started.elapsed().as_millis() as u64,
                                 "checkpoint written"
@@ -456,14 +477,24 @@ impl Coordinator {
         true
     }
 
+    /// Whether worker `local` (at `turn`) is to copy its state for the open round.
+    pub fn copy_due(&self, turn: &Turn) -> bool {
+        let open = self.open.load(Ordering::Acquire);
+        open != 0
+            && turn.noted >= open
+            && turn.copied < open
+            && self.noted.load(Ordering::Acquire) == self.workers
+    }
+
     /// Called by worker `local` between steps. `positions` gives the Kafka positions its state
-    /// reflects; `part` copies its state. Either is called at most once per round.
+    /// reflects; `part` copies its state, or returns `None` when it cannot yet (it is called
+    /// again at the next poll). Each succeeds at most once per round.
     pub fn poll(
         &self,
         local: usize,
         turn: &mut Turn,
         positions: impl FnOnce() -> Vec<Position>,
-        part: impl FnOnce() -> Part,
+        part: impl FnOnce() -> Option<Part>,
     ) {
         if local == 0 && self.open.load(Ordering::Acquire) == 0 {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -516,16 +547,21 @@ impl Coordinator {
             }
         }
         if turn.copied < open && self.noted.load(Ordering::Acquire) == self.workers {
-            turn.copied = open;
             if self.round().skipped {
+                turn.copied = open;
                 return;
             }
-            let part = part();
+            let Some(part) = part() else {
+                return;
+            };
+            turn.copied = open;
             let mut round = self.round();
             let c = &mut round.checkpoint;
             c.clock = c.clock.max(part.clock);
             c.max_ts = c.max_ts.max(part.max_ts);
             c.records.extend(part.records);
+            c.sealed.extend(part.sealed);
+            c.basics.extend(part.basics);
             c.catalog.extend(part.catalog);
             round.copied += 1;
             if round.copied == self.workers {
@@ -565,6 +601,19 @@ mod tests {
                 value_bits: 1.5f64.to_bits(),
                 device: None,
             }],
+            sealed: vec![(
+                Event {
+                    ts: 4,
+                    user: 6,
+                    id: SEALED_ID,
+                    kind: 8,
+                    item: 9,
+                    value_bits: 15,
+                    device: None,
+                },
+                3,
+            )],
+            basics: vec![],
             names: vec![(6, "u".into())],
         }
     }
@@ -590,18 +639,44 @@ mod tests {
     /// One poll by each of the two workers; worker `w` notes `positions[w]`.
     fn poll_all(c: &Coordinator, turns: &mut [Turn; 2], positions: &[Vec<Position>; 2]) {
         for (w, turn) in turns.iter_mut().enumerate() {
-            c.poll(
-                w,
-                turn,
-                || positions[w].clone(),
-                || Part {
-                    clock: 1,
-                    max_ts: 1,
-                    records: sample().records,
-                    catalog: vec![],
-                },
-            );
+            c.poll(w, turn, || positions[w].clone(), part);
         }
+    }
+
+    /// A worker's share: the sample's records.
+    fn part() -> Option<Part> {
+        Some(Part {
+            clock: 1,
+            max_ts: 1,
+            records: sample().records,
+            sealed: sample().sealed,
+            basics: vec![],
+            catalog: vec![],
+        })
+    }
+
+    /// A worker that cannot copy yet (its basics lag its gate) is asked again at its next
+    /// poll, and the round waits for it.
+    #[test]
+    fn a_copy_that_is_not_ready_is_taken_at_a_later_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = coordinator(dir.path(), Duration::from_millis(1), None);
+        let mut turns = [Turn::default(), Turn::default()];
+        std::thread::sleep(Duration::from_millis(2));
+        let positions = [vec![at(0, 1)], vec![at(1, 1)]];
+        let [t0, t1] = &mut turns;
+        c.poll(0, t0, || positions[0].clone(), || None);
+        c.poll(1, t1, || positions[1].clone(), part);
+        assert!(c.copy_due(t0), "worker 0 noted but did not copy");
+        assert!(!c.copy_due(t1));
+        c.poll(0, t0, || positions[0].clone(), || None);
+        assert!(c.copy_due(t0));
+        c.poll(0, t0, || positions[0].clone(), part);
+        assert!(!c.copy_due(t0));
+        assert!(c.wait_written(Duration::from_secs(10)));
+        let (_, written) = c.store.load().unwrap().unwrap();
+        assert_eq!(written.records.len(), 2);
+        assert_eq!(written.sealed.len(), 2);
     }
 
     /// Two workers polling `c` until a round ends; each notes `positions[w]`. Returns how many

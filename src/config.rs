@@ -820,9 +820,6 @@ fn retention(
             }
         }
     }
-    if !e.checkpoint_dir.as_os_str().is_empty() {
-        bail!("engine.retention and engine.checkpoint_dir cannot be combined yet: checkpoints copy event detail, which retention seals away; leave one of them empty");
-    }
     Ok(Some(r))
 }
 
@@ -1175,7 +1172,7 @@ mod tests {
     }
 
     #[test]
-    fn retention_covers_the_windows_caps_the_recommenders_and_excludes_checkpoints() {
+    fn retention_covers_the_windows_and_caps_the_recommenders() {
         let mut c = Config::default();
         assert_eq!(Settings::from_config(&c).unwrap().retention_ms, None);
         c.engine.retention = "30d".into();
@@ -1193,8 +1190,10 @@ mod tests {
         assert!(e.contains("shorter than the widest window"), "{e}");
         c.engine.windows.pop();
         c.engine.checkpoint_dir = "ckpt".into();
-        let e = format!("{:#}", Settings::from_config(&c).unwrap_err());
-        assert!(e.contains("cannot be combined"), "{e}");
+        assert_eq!(
+            Settings::from_config(&c).unwrap().retention_ms,
+            Some(30 * day)
+        );
     }
 
     #[test]

@@ -675,6 +675,10 @@ fn run_worker(
         }
     };
     let mut catalog = Catalog::default();
+    let start_clock: Time = match clock_mode {
+        ClockMode::Live => wall_ms() / settings.tick_ms * settings.tick_ms,
+        ClockMode::Event => 0,
+    };
 
     let view_config = ViewConfig {
         window_retention_ms: {
@@ -696,6 +700,9 @@ fn run_worker(
         retention: settings.retention_ms.map(|retention_ms| Retention {
             retention_ms,
             late: Arc::new(LateRecords(shared.clone())),
+            restore_time: restore
+                .as_ref()
+                .map(|c| restore_time(c, clock_mode, start_clock)),
         }),
         forget_event_id: settings.retention_ms.map(|_| {
             let names = shared.names.clone();
@@ -719,13 +726,22 @@ fn run_worker(
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
     #[allow(clippy::type_complexity)]
-    let (mut inputs, mut traces, mut recommend, probe, mut agreements, gate, publisher, watched): (
+    let (
+        mut inputs,
+        mut traces,
+        mut recommend,
+        probe,
+        mut agreements,
+        (gate, basics_state),
+        publisher,
+        watched,
+    ): (
         Inputs,
         ProfileTraces,
         Option<RecommendTraces>,
         ProbeHandle<Time>,
         Option<[crate::cluster::Agreement; 2]>,
-        persona_dataflows::GateState,
+        (persona_dataflows::GateState, persona_dataflows::BasicsState),
         Rc<RefCell<Publisher>>,
         ProbeHandle<Time>,
     ) = worker.dataflow::<Time, _, _>(|scope| {
@@ -800,7 +816,7 @@ fn run_worker(
             recommend,
             probe,
             agreements,
-            views.gate,
+            (views.gate, views.basics_state),
             publisher,
             watched,
         )
@@ -812,10 +828,7 @@ fn run_worker(
         LIVE_BATCH_LINES
     });
     let status = &shared.workers[local];
-    let mut clock: Time = match clock_mode {
-        ClockMode::Live => wall_ms() / settings.tick_ms * settings.tick_ms,
-        ClockMode::Event => 0,
-    };
+    let mut clock: Time = start_clock;
     inputs.advance_to(clock);
     // The erasure log's records enter before any event (one worker of each process).
     if local == 0 {
@@ -830,7 +843,7 @@ fn run_worker(
             &c,
             clock_mode,
             &mut clock,
-            &mut inputs,
+            (&mut inputs, &basics_state),
             &mut catalog,
             index,
             peers,
@@ -839,6 +852,21 @@ fn run_worker(
         );
     }
     let mut turn = crate::checkpoint::Turn::default();
+    // This worker's part in the checkpoint rounds, at its three places in the loop.
+    macro_rules! poll_checkpoint {
+        ($coordinator:expr, $reader:expr) => {
+            poll_checkpoint(
+                $coordinator,
+                $reader,
+                local,
+                &mut turn,
+                clock,
+                (&gate, &basics_state),
+                &catalog,
+                shared,
+            )
+        };
+    }
     let mut pending: Vec<Query> = Vec::new();
     let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
     let mut last_status = Instant::now()
@@ -873,19 +901,21 @@ fn run_worker(
         if shared.stopping() {
             if let (Some(coordinator), Feed::Kafka(reader)) = (shared.checkpoints.get(), &feed) {
                 last_checkpoint(coordinator, reader.connected(), local, || {
-                    poll_checkpoint(
-                        coordinator,
-                        reader,
-                        local,
-                        &mut turn,
-                        clock,
-                        &gate,
-                        &catalog,
-                        shared,
-                    )
+                    // The copy may wait for the basics to apply what the gate has.
+                    worker.step();
+                    poll_checkpoint!(coordinator, reader);
                 });
             }
             break;
+        }
+        if let (Some(coordinator), Feed::Kafka(reader)) = (shared.checkpoints.get(), &feed) {
+            if coordinator.copy_due(&turn) && !copy_ready(&gate, &basics_state) {
+                // With a retention the copy waits until the basics have applied everything
+                // the gate has: no new input meanwhile, so they catch up within a few steps.
+                worker.step_or_park(Some(Duration::from_millis(1)));
+                poll_checkpoint!(coordinator, reader);
+                continue;
+            }
         }
         // 1. Read a bounded batch of this worker's records.
         let mut read = 0usize;
@@ -1111,16 +1141,7 @@ fn run_worker(
             }
         }
         if let (Some(coordinator), Feed::Kafka(reader)) = (shared.checkpoints.get(), &feed) {
-            poll_checkpoint(
-                coordinator,
-                reader,
-                local,
-                &mut turn,
-                clock,
-                &gate,
-                &catalog,
-                shared,
-            );
+            poll_checkpoint!(coordinator, reader);
         }
         if index == 0 {
             if let Some(c) = shared.clock() {
@@ -1248,7 +1269,10 @@ fn poll_checkpoint(
     local: usize,
     turn: &mut crate::checkpoint::Turn,
     clock: Time,
-    gate: &persona_dataflows::GateState,
+    (gate, basics): (
+        &persona_dataflows::GateState,
+        &persona_dataflows::BasicsState,
+    ),
     catalog: &Catalog,
     shared: &Shared,
 ) {
@@ -1257,13 +1281,41 @@ fn poll_checkpoint(
             local,
             turn,
             || reader.reflected_positions(),
-            || crate::checkpoint::Part {
-                clock,
-                max_ts: shared.max_ts.load(Ordering::Acquire),
-                records: gate.records(shared.controls),
-                catalog: catalog.entries(&shared.settings.kafka.catalog_topic),
+            || {
+                if !copy_ready(gate, basics) {
+                    return None;
+                }
+                // Without a retention nothing is sealed, and this seals nothing.
+                let seal = gate.seal_all();
+                Some(crate::checkpoint::Part {
+                    clock,
+                    max_ts: shared.max_ts.load(Ordering::Acquire),
+                    records: gate.records(shared.controls),
+                    sealed: gate.sealed_records(),
+                    basics: basics.sealed_parts(seal),
+                    catalog: catalog.entries(&shared.settings.kafka.catalog_topic),
+                })
             },
         );
+    }
+}
+
+/// Whether this worker's state can be copied: with a retention, the gate's sealed records and
+/// the basics' sealed parts must describe the same events, so the basics must have applied
+/// every time the gate has (without one, the gate alone is copied: always ready).
+fn copy_ready(
+    gate: &persona_dataflows::GateState,
+    basics: &persona_dataflows::BasicsState,
+) -> bool {
+    !gate.seals() || gate.applied().is_none_or(|t| basics.applied_through(t))
+}
+
+/// The time a checkpoint's records are fed at: just below its clock under the event clock
+/// (the inputs then pass it, so the restored state is readable at once), else the start.
+fn restore_time(c: &crate::checkpoint::Checkpoint, clock_mode: ClockMode, start: Time) -> Time {
+    match clock_mode {
+        ClockMode::Event => c.clock.saturating_sub(1).max(start),
+        ClockMode::Live => start,
     }
 }
 
@@ -1303,7 +1355,7 @@ fn restore_share(
     c: &crate::checkpoint::Checkpoint,
     clock_mode: ClockMode,
     clock: &mut Time,
-    inputs: &mut Inputs,
+    (inputs, basics): (&mut Inputs, &persona_dataflows::BasicsState),
     catalog: &mut Catalog,
     index: usize,
     peers: usize,
@@ -1311,17 +1363,26 @@ fn restore_share(
     shared: &Shared,
 ) {
     if clock_mode == ClockMode::Event {
-        // Fed just below the restored clock, which the inputs then pass: the restored state is
-        // complete, so readable, at once. At the clock itself it would wait for a later ts.
-        inputs.advance_to(c.clock.saturating_sub(1).max(*clock));
+        // At the clock itself the restored state would wait for a later ts to be complete.
+        inputs.advance_to(restore_time(c, clock_mode, *clock));
         *clock = (*clock).max(c.clock);
     }
+    // The basics' sealed parts are seeded on their users' workers before any record arrives.
+    basics.restore(
+        c.basics
+            .iter()
+            .filter(|b| persona_dataflows::owner(b.user, peers) == index)
+            .cloned(),
+    );
     for e in c.records.iter().skip(index).step_by(peers.max(1)) {
         if shared.controls.is_control(e) {
             inputs.controls.update(*e, 1);
         } else if let Some(input) = inputs.events.as_mut() {
             input.update(*e, 1);
         }
+    }
+    for (e, n) in c.sealed.iter().skip(index).step_by(peers.max(1)) {
+        inputs.controls.update(*e, *n as isize);
     }
     if let Some(input) = inputs.catalog.as_mut() {
         for entry in &c.catalog {

@@ -128,6 +128,8 @@ fn restore_checkpoint(
             tracing::info!(
                 path = %path.display(),
                 records = c.records.len(),
+                sealed_records = c.sealed.len(),
+                sealed_users = c.basics.len(),
                 partitions = c.positions.len(),
                 clock = c.clock,
                 "resuming from checkpoint"
@@ -178,10 +180,14 @@ fn holds_erased(
     erased: &std::collections::HashMap<u64, u64>,
     kinds: persona_dataflows::ControlKinds,
 ) -> bool {
+    let erases = |user: u64, ts: u64| erased.get(&user).is_some_and(|&through| ts <= through);
     !erased.is_empty()
-        && c.records.iter().any(|e| {
-            !kinds.is_control(e) && erased.get(&e.user).is_some_and(|&through| e.ts <= through)
-        })
+        && (c
+            .records
+            .iter()
+            .any(|e| !kinds.is_control(e) && erases(e.user, e.ts))
+            || c.sealed.iter().any(|(e, _)| erases(e.user, e.ts))
+            || c.basics.iter().any(|b| erases(b.user, b.first())))
 }
 
 #[cfg(test)]
@@ -225,5 +231,14 @@ mod tests {
         );
         assert!(holds_erased(&c, &erased(&[(1, 10)]), kinds));
         assert!(holds_erased(&c, &erased(&[(2, 50), (1, 30)]), kinds));
+        // u3's sealed events, the oldest at 5.
+        let mut sealed = event(3, 5, 7);
+        sealed.id = persona_dataflows::SEALED_ID;
+        let c = crate::checkpoint::Checkpoint {
+            sealed: vec![(sealed, 4)],
+            ..c
+        };
+        assert!(!holds_erased(&c, &erased(&[(3, 4)]), kinds));
+        assert!(holds_erased(&c, &erased(&[(3, 5)]), kinds));
     }
 }

@@ -55,22 +55,101 @@ fn kill(engine: &mut support::process::Process) {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice() {
-    let rounds = env_u64("CHAOS_ROUNDS").unwrap_or(4).max(2) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let log = make_log(dir.path());
+    let (mut engine, _broker, _) = chaos(dir.path(), log, "", 4, false);
+    engine.stop();
+}
+
+const DAY: u64 = 86_400_000;
+
+/// The same with `retention = 8d` over a log of 12 days: the checkpoints then also hold what
+/// sealing folded away (the gate's sealed counts, the basics' sealed parts). Sealing never
+/// changes a profile while nothing is too late, so the profiles must equal the replay's
+/// without a retention. An erasure of a user whose first days are sealed then survives a
+/// restart too.
+#[test]
+fn with_a_retention_sigkill_loses_nothing_either() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ends with the golden log's week, whose events come last in the file. Each restarted
+    // engine catches up before the next chunk (12 days / 7) is produced, so it reads at most
+    // two at once, far less than the retention: nothing is too late. (Read at once, the first
+    // days would be: the replay reads the whole file in one batch, so it runs without one.)
+    let log = make_log_spanning(dir.path(), "12d", 1_700_604_800_000 - 12 * DAY);
+    let retention = "retention = \"8d\"\n";
+    let (mut engine, broker, expected) = chaos(dir.path(), log, retention, 6, true);
+    let newest = checkpoints(dir.path()).pop().expect("a checkpoint");
+    let c = persona::checkpoint::decode(&std::fs::read(&newest).unwrap()).unwrap();
+    assert!(
+        !c.sealed.is_empty() && !c.basics.is_empty(),
+        "the newest checkpoint holds nothing sealed: {} sealed records, {} sealed basics",
+        c.sealed.len(),
+        c.basics.len()
+    );
+
+    // A user of the generated log: their first days are sealed by now.
+    let user = expected
+        .iter()
+        .filter(|(u, _)| u.starts_with('u'))
+        .min_by_key(|(_, p)| p["first_seen_ms"].as_u64())
+        .map(|(u, _)| u.clone())
+        .unwrap();
+    let (status, body, _) = engine.call("DELETE", &format!("/v1/users/{user}"), None);
+    assert_eq!(status, 200, "{body}");
+    // Generated ids are prefixes of one another ("u1", "u12"): look for the exact string.
+    let names = |f: &PathBuf| {
+        std::fs::read(f)
+            .ok()
+            .and_then(|b| persona::checkpoint::decode(&b).ok())
+            .is_none_or(|c| c.names.iter().any(|(_, s)| *s == user))
+    };
+    engine.wait_for(30, "no checkpoint naming the erased user", |_| {
+        let files = checkpoints(dir.path());
+        !files.is_empty() && !files.iter().any(names)
+    });
+    assert_eq!(engine.get(&format!("/v1/users/{user}")).0, 404);
+    kill(&mut engine);
+    let mut engine = start_engine(
+        dir.path(),
+        &broker.addr,
+        2,
+        &(engine_lines(dir.path()) + retention),
+    );
+    assert!(engine.log_contains("resuming from checkpoint"));
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    assert_eq!(engine.get(&format!("/v1/users/{user}")).0, 404);
+    engine.stop();
+}
+
+/// Produces the log to Kafka in chunks while killing and restarting the engine (`engine_extra`:
+/// more `[engine]` lines) `CHAOS_ROUNDS` times (else `default_rounds`), then compares every
+/// profile with the replay's; returns the engine, still running, its broker and the replay's
+/// profiles. `paced`: each restarted engine reads what was produced before the next chunk.
+fn chaos(
+    dir: &Path,
+    (events, catalog): (PathBuf, PathBuf),
+    engine_extra: &str,
+    default_rounds: u64,
+    paced: bool,
+) -> (
+    support::process::Process,
+    Broker,
+    std::collections::BTreeMap<String, serde_json::Value>,
+) {
+    let rounds = env_u64("CHAOS_ROUNDS").unwrap_or(default_rounds).max(2) as usize;
     let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| rand::thread_rng().gen());
     eprintln!("chaos: {rounds} rounds, CHAOS_SEED={seed}");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
 
-    let dir = tempfile::tempdir().unwrap();
-    let (events, catalog) = make_log(dir.path());
-    let (max_ts, expected, _) = replay(dir.path(), &events, &catalog);
+    let (max_ts, expected, _) = replay(dir, &events, &catalog);
     let all = lines(&events);
-    let mut broker = Broker::sqlite(dir.path());
+    let mut broker = Broker::sqlite(dir);
     create_topics(&broker);
     produce(&broker.addr, CATALOG, &catalog);
     let mut total = lines(&catalog).len() as i64;
 
-    let engine_config = engine_lines(dir.path());
-    let mut engine = start_engine(dir.path(), &broker.addr, 2, &engine_config);
+    let engine_config = engine_lines(dir) + engine_extra;
+    let mut engine = start_engine(dir, &broker.addr, 2, &engine_config);
     let chunk = all.len().div_ceil(rounds + 1);
     let mut resumed = 0;
     let mut corrupted = false;
@@ -79,7 +158,7 @@ fn sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         let start = (i * chunk).saturating_sub(rng.gen_range(0..50));
         let mut sent = all[start..i * chunk].to_vec();
         sent.extend_from_slice(part);
-        let log = dir.path().join(format!("chunk-{i}.jsonl"));
+        let log = dir.join(format!("chunk-{i}.jsonl"));
         write_lines(&log, &sent);
         produce(&broker.addr, EVENTS, &log);
         total += sent.len() as i64;
@@ -94,31 +173,36 @@ fn sigkill_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         // A random moment: before, during or after reading the chunk and checkpointing it.
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
         kill(&mut engine);
-        let files = checkpoints(dir.path());
+        let files = checkpoints(dir);
         if !corrupted && files.len() == 2 {
             // The newest checkpoint is cut short: the restart must use the one before it.
             let newest = files.last().unwrap();
             let bytes = std::fs::read(newest).unwrap();
             std::fs::write(newest, &bytes[..bytes.len() / 2]).unwrap();
             corrupted = true;
-            engine = start_engine(dir.path(), &broker.addr, workers(i), &engine_config);
+            engine = start_engine(dir, &broker.addr, workers(i), &engine_config);
             engine.wait_for(60, "the fallback to the previous checkpoint", |e| {
                 e.log_contains("checkpoint unusable, trying the one before it")
             });
         } else {
-            engine = start_engine(dir.path(), &broker.addr, workers(i), &engine_config);
+            engine = start_engine(dir, &broker.addr, workers(i), &engine_config);
         }
         if engine.log_contains("resuming from checkpoint") {
             resumed += 1;
         }
+        if paced {
+            engine.wait_for(60, "the restarted engine to read what was produced", |e| {
+                positions(e, "read_position") == total
+            });
+        }
     }
-    finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);
+    finish_and_compare(dir, &engine, &broker.addr, total, max_ts, &expected);
     assert!(
         resumed > 0,
         "no restart resumed from a checkpoint; the test exercised only full re-reads"
     );
     eprintln!("chaos: {resumed} of {rounds} restarts resumed from a checkpoint; corrupted newest: {corrupted}");
-    engine.stop();
+    (engine, broker, expected)
 }
 
 /// An erased user is in no checkpoint once the erasure is answered and the next checkpoint is

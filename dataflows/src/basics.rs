@@ -24,6 +24,9 @@
 //!   reaching the sealed part) clears the sealed part; a single retraction older than the
 //!   retention (a conflicting duplicate that late) takes the event out of the counts and spend
 //!   but leaves sessions, items and devices as they were.
+//! * Checkpoints copy the sealed parts ([`BasicsState`]); a restore seeds them before the
+//!   checkpoint's records arrive, and the gate's sealed records then bring back only counts
+//!   and spend (a sealed record that adds, rather than retracts, leaves the sealed part alone).
 //!
 //! Cost per event: O(log n) in the user's distinct timestamps and items (a late event that
 //! moves the start of the current session also recounts that session); sealing a user costs
@@ -39,8 +42,10 @@ use crate::event::{
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::rc::Rc;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
@@ -81,8 +86,8 @@ impl Basics {
 }
 
 /// A user's detail at or before the seal point, folded.
-#[derive(Clone, Copy, Debug, Default)]
-struct SealedPart {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SealedPart {
     /// Sealed events (approximate single retractions included).
     events: u64,
     first: u64,
@@ -238,6 +243,38 @@ impl UserState {
         for key in drop {
             self.item_times.remove(&key);
         }
+    }
+
+    /// The sealed part as a checkpoint holds it.
+    fn sealed_basics(&self, user: u64) -> Option<SealedBasics> {
+        let part = self.sealed?;
+        let items = self
+            .item_times
+            .iter()
+            .filter(|((_, ts), _)| *ts <= part.last)
+            .map(|(k, n)| (*k, *n))
+            .collect();
+        Some(SealedBasics { user, part, items })
+    }
+
+    /// Puts a checkpoint's sealed part into a state that has nothing yet; the sealed events'
+    /// counts and spend come with the gate's sealed records.
+    fn restore(&mut self, SealedBasics { part, items, .. }: SealedBasics) {
+        self.item_times.extend(items);
+        let mut previous: Option<(u64, u64)> = None;
+        for &(item, ts) in self.item_times.keys() {
+            // Keys ascend: an item's last entry is its latest.
+            if let Some(p) = previous.filter(|p| p.0 != item) {
+                self.latest.insert((Reverse(p.1), p.0));
+            }
+            previous = Some((item, ts));
+        }
+        if let Some(p) = previous {
+            self.latest.insert((Reverse(p.1), p.0));
+        }
+        self.gap_sum += part.gap_sum;
+        self.current = Some((part.tail_start, part.tail_events));
+        self.sealed = Some(part);
     }
 
     /// Forgets the sealed part: its events were all retracted (their counts and spend by the
@@ -404,10 +441,76 @@ impl UserState {
     }
 }
 
+/// A user's sealed basics, as a checkpoint holds them: the folded part and the latest sealed
+/// entry of each item it names (the counts and spend come from the gate's sealed records).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SealedBasics {
+    pub user: u64,
+    part: SealedPart,
+    /// `((item, ts), events)`.
+    items: Vec<((u64, u64), u64)>,
+}
+
+/// This worker's basics state, readable between steps: the sealed parts a checkpoint copies,
+/// and the seeding of a restore.
+#[derive(Clone)]
+pub struct BasicsState {
+    users: Rc<RefCell<HashMap<u64, UserState>>>,
+    /// The operator's input frontier when it last ran (`None`: empty, every time done).
+    frontier: Rc<Cell<Option<Time>>>,
+    ids: NameOrder,
+    forget: Option<Forget>,
+}
+
+impl SealedBasics {
+    /// The oldest sealed `ts`.
+    pub fn first(&self) -> u64 {
+        self.part.first
+    }
+
+    /// The items it names.
+    pub fn items(&self) -> impl Iterator<Item = u64> + '_ {
+        self.items.iter().map(|((item, _), _)| *item)
+    }
+}
+
+impl BasicsState {
+    /// Whether every time up to `t` is applied here (the gate's output through `t` included).
+    pub fn applied_through(&self, t: Time) -> bool {
+        self.frontier.get().is_none_or(|f| f > t)
+    }
+
+    /// Seals every user's detail up to `seal` (as the operator's own visits would, so the output
+    /// does not change) and returns the sealed parts. With the gate sealed to the same point
+    /// and every gate output applied here, the gate's sealed records and these describe the
+    /// same events.
+    pub fn sealed_parts(&self, seal: Option<u64>) -> Vec<SealedBasics> {
+        let mut users = self.users.borrow_mut();
+        let mut out = Vec::new();
+        for (&user, state) in users.iter_mut() {
+            if let Some(seal) = seal {
+                state.seal(seal, &self.ids, self.forget.as_ref());
+            }
+            out.extend(state.sealed_basics(user));
+        }
+        out
+    }
+
+    /// Seeds restored sealed parts, before the checkpoint's records are applied.
+    pub fn restore(&self, parts: impl IntoIterator<Item = SealedBasics>) {
+        let mut users = self.users.borrow_mut();
+        for sealed in parts {
+            users.entry(sealed.user).or_default().restore(sealed);
+        }
+    }
+}
+
 /// The basics of every user in `events` (de-duplicated, and on their user's worker: exchanged
 /// by [`route_hash`](crate::event::route_hash) of the user). `names` orders item ids, `ids`
 /// event ids. `retention_ms`: the gate's retention, if any (detail older than it is sealed, see
-/// the module doc); `forget` hears of the event ids sealing leaves behind.
+/// the module doc); `forget` hears of the event ids sealing leaves behind. `restore_time`: the
+/// time a checkpoint's records are fed at, whose detail is applied before any sealing.
+#[allow(clippy::too_many_arguments)]
 pub fn basics<'s>(
     events: VecCollection<'s, Time, Event>,
     session_gap_ms: u64,
@@ -415,14 +518,23 @@ pub fn basics<'s>(
     (names, ids): (NameOrder, NameOrder),
     retention_ms: Option<u64>,
     forget: Option<Forget>,
-) -> VecCollection<'s, Time, (UserKey, Basics)> {
+    restore_time: Option<Time>,
+) -> (VecCollection<'s, Time, (UserKey, Basics)>, BasicsState) {
+    let state = BasicsState {
+        users: Rc::default(),
+        frontier: Rc::new(Cell::new(Some(0))),
+        ids: ids.clone(),
+        forget: forget.clone(),
+    };
+    let shared = state.users.clone();
+    let frontier_seen = state.frontier.clone();
     // The events are already on their user's worker: read them where they are.
     let pact = Pipeline;
-    events
+    let out = events
         .inner
         .unary_frontier(pact, "Basics", move |_cap, _info| {
             let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
-            let mut users: HashMap<u64, UserState> = HashMap::default();
+            let users = shared;
             let mut touched: Vec<u64> = Vec::new();
             // (due time, user): when to visit a user to seal its oldest detail.
             let mut queue: BinaryHeap<Reverse<(Time, u64)>> = BinaryHeap::new();
@@ -436,12 +548,16 @@ pub fn basics<'s>(
                             .push((event, diff));
                     }
                 });
+                let mut users = users.borrow_mut();
                 while let Some(entry) = pending.first_entry() {
                     if frontier.less_equal(entry.key()) {
                         break;
                     }
                     let (time, (cap, batch)) = entry.remove_entry();
                     let seal = retention_ms.and_then(|r| time.checked_sub(r));
+                    // A restore's detail is applied as it was before the restart; the visits
+                    // seal it afterwards.
+                    let judged = seal.filter(|_| restore_time != Some(time));
                     if let (Some(seal), Some(r)) = (seal, retention_ms) {
                         while let Some(&Reverse((due, user))) = queue.peek() {
                             if due > time {
@@ -459,12 +575,16 @@ pub fn basics<'s>(
                     for (event, diff) in &batch {
                         let state = users.entry(event.user).or_default();
                         let diff = *diff as i64;
-                        if let Some(seal) = seal.filter(|s| event.is_sealed() || event.ts <= *s) {
+                        if let Some(seal) = judged.filter(|s| event.is_sealed() || event.ts <= *s) {
                             // Judged against exactly what the gate has sealed by now.
                             state.seal(seal, &ids, forget.as_ref());
                         }
                         if event.is_sealed() {
-                            state.clear_sealed(session_gap_ms);
+                            // A retraction withdraws the whole sealed part; a restore's sealed
+                            // records only bring its counts and spend back.
+                            if diff < 0 {
+                                state.clear_sealed(session_gap_ms);
+                            }
                             let n = diff.unsigned_abs();
                             state.events = if diff > 0 {
                                 state.events + n
@@ -503,9 +623,11 @@ pub fn basics<'s>(
                         }
                     }
                 }
+                frontier_seen.set(frontier.frontier().first().copied());
             }
         })
-        .as_collection()
+        .as_collection();
+    (out, state)
 }
 
 /// Queues a visit of `user` a while after its oldest detail passes the seal point, unless one
@@ -615,6 +737,33 @@ mod tests {
         );
     }
 
+    /// Events of user 1 arriving as `steps` move the clock, each with the seal point it arrives
+    /// at (`retention` behind the clock), and never at or before it.
+    fn arrivals(steps: Vec<(u64, u64, u8, bool)>, retention: u64) -> Vec<(Event, Option<u64>)> {
+        let mut clock = 0u64;
+        let mut out = Vec::new();
+        for (i, (advance, item, dev, purchase)) in steps.into_iter().enumerate() {
+            clock += advance;
+            let seal = clock.checked_sub(retention);
+            let ts = seal.map_or(clock / 2, |s| s + 1 + (i as u64 * 7) % retention);
+            let e = Event {
+                ts,
+                user: 1,
+                id: 1000 - i as u64,
+                kind: if purchase { 99 } else { 1 },
+                item: if item == 0 {
+                    crate::NO_ITEM
+                } else {
+                    100 + item
+                },
+                value_bits: (i as f64 * 0.5).to_bits(),
+                device: [None, Some(Device::Mobile), Some(Device::Tablet)][dev as usize],
+            };
+            out.push((e, seal));
+        }
+        out
+    }
+
     proptest::proptest! {
         /// Sealing is invisible: a state sealed behind every insert equals one that kept all of
         /// its detail; clearing the sealed part (with the sealed events' counts and spend taken
@@ -627,30 +776,16 @@ mod tests {
             let names: NameOrder = Arc::new(|a: u64, b: u64| a.cmp(&b));
             let gap = 10;
             let (mut plain, mut sealed) = (UserState::default(), UserState::default());
-            let mut clock = 0u64;
-            let mut all: Vec<Event> = Vec::new();
-            for (i, (advance, item, dev, purchase)) in steps.into_iter().enumerate() {
-                clock += advance;
-                // In-bound: never at or before the seal point of the time it arrives at.
-                let seal = clock.checked_sub(retention);
-                let ts = seal.map_or(clock / 2, |s| s + 1 + (i as u64 * 7) % retention);
-                let e = Event {
-                    ts,
-                    user: 1,
-                    id: 1000 - i as u64,
-                    kind: if purchase { 99 } else { 1 },
-                    item: if item == 0 { crate::NO_ITEM } else { 100 + item },
-                    value_bits: (i as f64 * 0.5).to_bits(),
-                    device: [None, Some(Device::Mobile), Some(Device::Tablet)][dev as usize],
-                };
-                all.push(e);
-                plain.apply(&e, 1, gap, 99);
+            let arrivals = arrivals(steps, retention);
+            let all: Vec<Event> = arrivals.iter().map(|(e, _)| *e).collect();
+            for (e, seal) in &arrivals {
+                plain.apply(e, 1, gap, 99);
                 if let Some(s) = seal {
-                    sealed.seal(s, &names, None);
+                    sealed.seal(*s, &names, None);
                 }
-                sealed.apply(&e, 1, gap, 99);
-                if let Some(s) = clock.checked_sub(retention) {
-                    sealed.seal(s, &names, None);
+                sealed.apply(e, 1, gap, 99);
+                if let Some(s) = seal {
+                    sealed.seal(*s, &names, None);
                 }
                 proptest::prop_assert_eq!(sealed.basics(&names, &names), plain.basics(&names, &names));
             }
@@ -667,6 +802,50 @@ mod tests {
                 later.apply(e, 1, gap, 99);
             }
             proptest::prop_assert_eq!(sealed.basics(&names, &names), later.basics(&names, &names));
+        }
+
+        /// A checkpoint's sealed part, with the sealed events' counts and spend (as the gate's
+        /// sealed records bring them) and the later events fed again in any order, restores the
+        /// basics the state had.
+        #[test]
+        fn a_restored_sealed_part_gives_the_same_basics(
+            steps in proptest::collection::vec((0..40u64, 0..6u64, 0..3u8, proptest::bool::ANY), 1..80),
+            retention in 1..60u64,
+            reversed in proptest::bool::ANY,
+        ) {
+            let names: NameOrder = Arc::new(|a: u64, b: u64| a.cmp(&b));
+            let gap = 10;
+            let mut state = UserState::default();
+            let arrivals = arrivals(steps, retention);
+            for (e, seal) in &arrivals {
+                if let Some(s) = seal {
+                    state.seal(*s, &names, None);
+                }
+                state.apply(e, 1, gap, 99);
+            }
+            // The copy seals to the current seal point first, as a checkpoint does.
+            if let Some((_, Some(s))) = arrivals.last() {
+                state.seal(*s, &names, None);
+            }
+            let all: Vec<Event> = arrivals.into_iter().map(|(e, _)| e).collect();
+            let mut restored = UserState::default();
+            let point = state.sealed.map(|s| s.last);
+            if let Some(part) = state.sealed_basics(1) {
+                restored.restore(part);
+            }
+            let (old, mut later): (Vec<Event>, Vec<Event>) =
+                all.into_iter().partition(|e| point.is_some_and(|p| e.ts <= p));
+            for e in &old {
+                restored.events += 1;
+                restored.add_spend(e, 1, 99);
+            }
+            if reversed {
+                later.reverse();
+            }
+            for e in &later {
+                restored.apply(e, 1, gap, 99);
+            }
+            proptest::prop_assert_eq!(restored.basics(&names, &names), state.basics(&names, &names));
         }
     }
 }

@@ -13,8 +13,10 @@
 //! Control records are facts, idempotent by content: they bypass de-duplication, and a record
 //! seen twice changes nothing. At equal `ts`, a revocation wins over a grant.
 //!
-//! The gate's state is readable between steps ([`GateState`]): it is exactly what a restart
-//! needs to rebuild every view, so checkpoints copy it.
+//! The gate's state is readable between steps ([`GateState`]): it is what a restart needs to
+//! rebuild every view, so checkpoints copy it (with a retention, together with the basics'
+//! sealed parts, which the gate's sealed counts cannot rebuild). A checkpoint's sealed records
+//! come back as control records and restore the sealed counts.
 //!
 //! # Retention (`retention: Some(r)`)
 //! At engine time `t` the **seal point** is `t - r`. An event (or a grant) with `ts` at or
@@ -45,7 +47,7 @@
 use crate::event::{route_hash, Device, Event, Time, SEALED_ID};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
@@ -135,18 +137,38 @@ impl Sealed {
         self.items.is_empty()
     }
 
+    /// Adds `n` sealed events as one of [`Sealed::records`] describes them (a restore).
+    fn add_record(&mut self, e: &Event, n: u64) {
+        let entry = self.items.entry((e.kind, e.item)).or_insert((0, 0));
+        entry.0 += n;
+        entry.1 = entry
+            .1
+            .saturating_add(e.value_nanos().saturating_mul(n as i128));
+        self.devices[device_index(e.device)] += n;
+        self.min_ts = self.min_ts.min(e.ts);
+    }
+
     /// Retractions of every sealed event of `user`: records whose types, items, devices and
-    /// summed values add up to the sealed ones' (the all-time views read nothing else). Each
-    /// (type, item) is paired with devices in turn; its summed value rides on one record
-    /// ([`Event::value_nanos`]), in `u64::MAX`-nanos pieces if it must.
+    /// summed values add up to the sealed ones' (the all-time views read nothing else).
     fn retractions(self, user: u64) -> Vec<(Event, isize)> {
-        let mut items: Vec<((u64, u64), (u64, i128))> = self.items.into_iter().collect();
+        self.records(user, 0)
+            .into_iter()
+            .map(|(e, n)| (e, -(n as isize)))
+            .collect()
+    }
+
+    /// The sealed events of `user` as records stamped `ts`, with their counts: each (type,
+    /// item) is paired with devices in turn; its summed value rides on one record
+    /// ([`Event::value_nanos`]), in `u64::MAX`-nanos pieces if it must.
+    fn records(&self, user: u64, ts: u64) -> Vec<(Event, u64)> {
+        let mut items: Vec<((u64, u64), (u64, i128))> =
+            self.items.iter().map(|(k, v)| (*k, *v)).collect();
         items.sort_unstable();
         let mut devices = self.devices;
         let mut d = 0;
         let mut out = Vec::new();
         let mut emit =
-            |kind: u64, item: u64, mut n: u64, nanos: u64, out: &mut Vec<(Event, isize)>| {
+            |kind: u64, item: u64, mut n: u64, nanos: u64, out: &mut Vec<(Event, u64)>| {
                 while n > 0 {
                     while d < devices.len() - 1 && devices[d] == 0 {
                         d += 1;
@@ -160,7 +182,7 @@ impl Sealed {
                     };
                     devices[d] = devices[d].saturating_sub(m);
                     let event = Event {
-                        ts: 0,
+                        ts,
                         user,
                         id: SEALED_ID,
                         kind,
@@ -168,7 +190,7 @@ impl Sealed {
                         value_bits: nanos,
                         device: DEVICES[d],
                     };
-                    out.push((event, -(m as isize)));
+                    out.push((event, m));
                     n -= m;
                 }
             };
@@ -271,11 +293,15 @@ fn seal_slack(retention: u64) -> u64 {
 }
 
 enum Update {
-    Event(Event, isize),
     Control(Event),
+    /// Sealed events restored from a checkpoint, and how many.
+    Sealed(Event, u64),
+    Event(Event, isize),
 }
 
-/// Splits control records from `raw` events: returns (ordinary events, control records).
+/// Splits control records from `raw` events: returns (ordinary events, control records). The
+/// sealed records of a checkpoint ([`Event::is_sealed`]) go with the control records: they
+/// bypass de-duplication (they all share one id) and restore the gate's sealed counts.
 pub fn split<'s>(
     raw: VecCollection<'s, Time, Event>,
     kinds: ControlKinds,
@@ -283,8 +309,10 @@ pub fn split<'s>(
     VecCollection<'s, Time, Event>,
     VecCollection<'s, Time, Event>,
 ) {
-    let controls = raw.clone().filter(move |e| kinds.is_control(e));
-    let events = raw.filter(move |e| !kinds.is_control(e));
+    let controls = raw
+        .clone()
+        .filter(move |e| kinds.is_control(e) || e.is_sealed());
+    let events = raw.filter(move |e| !kinds.is_control(e) && !e.is_sealed());
     (events, controls)
 }
 
@@ -293,13 +321,53 @@ pub fn split<'s>(
 #[derive(Clone, Default)]
 pub struct GateState {
     users: Rc<RefCell<HashMap<u64, UserGate>>>,
+    /// The latest time applied.
+    applied: Rc<Cell<Option<Time>>>,
+    retention_ms: Option<u64>,
 }
 
 impl GateState {
+    /// Whether it seals (a retention is set).
+    pub fn seals(&self) -> bool {
+        self.retention_ms.is_some()
+    }
+
+    /// The latest time the gate applied (`None`: none yet).
+    pub fn applied(&self) -> Option<Time> {
+        self.applied.get()
+    }
+
+    /// With a retention: seals every user's held events up to the seal point of the latest
+    /// time applied, as the gate's own visits would, and returns that point. A checkpoint
+    /// seals the basics to the same point (see [`crate::basics::BasicsState::sealed_parts`]).
+    pub fn seal_all(&self) -> Option<u64> {
+        let seal = self.applied.get()?.checked_sub(self.retention_ms?)?;
+        let mut users = self.users.borrow_mut();
+        for gate in users.values_mut() {
+            gate.seal(seal);
+        }
+        users.retain(|_, gate| !gate.is_empty());
+        Some(seal)
+    }
+
+    /// Every user's sealed events, as sealed records ([`Event::is_sealed`]) stamped with the
+    /// oldest sealed `ts`, and their counts. Fed again as control records at the restore time,
+    /// they restore the sealed counts and add the sealed events to every all-time view.
+    pub fn sealed_records(&self) -> Vec<(Event, u64)> {
+        let users = self.users.borrow();
+        let mut out = Vec::new();
+        for (&user, gate) in users.iter() {
+            if let Some(sealed) = &gate.sealed {
+                out.extend(sealed.records(user, sealed.min_ts));
+            }
+        }
+        out
+    }
+
     /// Every held event and every control record in force, as records that, fed again as input
     /// (events through de-duplication, control records as controls), rebuild this state and so
     /// every view downstream. Events of every complete time are in it; later ones may be too.
-    /// Sealed events are not (their detail is gone): checkpoints need retention off.
+    /// Sealed events are not (their detail is gone): see [`GateState::sealed_records`].
     pub fn records(&self, kinds: ControlKinds) -> Vec<Event> {
         let users = self.users.borrow();
         let mut out = Vec::new();
@@ -330,6 +398,9 @@ impl GateState {
 pub struct Retention {
     pub retention_ms: u64,
     pub late: Arc<dyn LateObserver>,
+    /// The time a checkpoint's records are fed at: they were admitted before, so none of them
+    /// is too late, whatever the restore's seal point.
+    pub restore_time: Option<Time>,
 }
 
 /// Admits `events` (de-duplicated) through `controls`, see the module doc. Both inputs are
@@ -341,8 +412,12 @@ pub fn gate<'s>(
     kinds: ControlKinds,
     retention: Option<Retention>,
 ) -> (VecCollection<'s, Time, Event>, GateState) {
-    let state = GateState::default();
+    let state = GateState {
+        retention_ms: retention.as_ref().map(|r| r.retention_ms),
+        ..GateState::default()
+    };
     let shared = state.users.clone();
+    let applied = state.applied.clone();
     let by_user = || Exchange::new(|u: &(Event, Time, isize)| route_hash(u.0.user));
     let admitted = events
         .inner
@@ -373,7 +448,11 @@ pub fn gate<'s>(
                                 let slot = pending
                                     .entry(time)
                                     .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
-                                slot.1.push(Update::Control(e));
+                                slot.1.push(if e.is_sealed() {
+                                    Update::Sealed(e, diff as u64)
+                                } else {
+                                    Update::Control(e)
+                                });
                             }
                         }
                     });
@@ -383,10 +462,15 @@ pub fn gate<'s>(
                             break;
                         }
                         let (time, (cap, mut batch)) = entry.remove_entry();
+                        applied.set(Some(time));
                         let mut users = users.borrow_mut();
                         let seal = retention
                             .as_ref()
                             .and_then(|r| time.checked_sub(r.retention_ms));
+                        // A restore's records were admitted before: none is too late now.
+                        let judged = seal.filter(|_| {
+                            retention.as_ref().and_then(|r| r.restore_time) != Some(time)
+                        });
                         if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
                             let slack = seal_slack(r.retention_ms);
                             while let Some(&Reverse((due, user))) = queue.peek() {
@@ -406,11 +490,27 @@ pub fn gate<'s>(
                             }
                         }
                         // Controls first: this time's events are judged by this time's rules.
-                        batch.sort_by_key(|u| matches!(u, Update::Event(..)));
+                        batch.sort_by_key(|u| match u {
+                            Update::Control(_) => 0,
+                            Update::Sealed(..) => 1,
+                            Update::Event(..) => 2,
+                        });
                         for update in batch {
                             match update {
+                                Update::Sealed(e, n) => {
+                                    let user = users.entry(e.user).or_default();
+                                    user.sealed
+                                        .get_or_insert_with(|| {
+                                            Box::new(Sealed {
+                                                min_ts: e.ts,
+                                                ..Sealed::default()
+                                            })
+                                        })
+                                        .add_record(&e, n);
+                                    changes.push((e, n as isize));
+                                }
                                 Update::Control(c) => {
-                                    if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
+                                    if let (Some(seal), Some(r)) = (judged, retention.as_ref()) {
                                         if c.kind == kinds.consent
                                             && c.value() > 0.0
                                             && c.ts <= seal
@@ -426,7 +526,7 @@ pub fn gate<'s>(
                                     control(user, c, &kinds, &mut changes);
                                 }
                                 Update::Event(e, diff) => {
-                                    if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
+                                    if let (Some(seal), Some(r)) = (judged, retention.as_ref()) {
                                         if diff > 0 && e.ts <= seal {
                                             r.late.too_late(&e, seal);
                                             continue;
@@ -624,6 +724,33 @@ mod tests {
                 all.push((*r, *n as i64));
             }
             prop_assert_eq!(projections(&all), BTreeMap::new());
+        }
+
+        /// A checkpoint's sealed records add what the sealed events added, and restore sealed
+        /// counts whose retractions cancel them again.
+        #[test]
+        fn sealed_records_restore_the_sealed_counts(
+            events in prop::collection::vec(event(), 1..40),
+        ) {
+            let mut sealed = Sealed { min_ts: u64::MAX, ..Sealed::default() };
+            for e in &events {
+                sealed.add(e);
+            }
+            let min_ts = events.iter().map(|e| e.ts).min().unwrap_or(0);
+            prop_assert_eq!(sealed.min_ts, min_ts);
+            let records = sealed.records(7, sealed.min_ts);
+            let mut all: Vec<(Event, i64)> = events.iter().map(|e| (*e, -1)).collect();
+            let mut restored = Sealed { min_ts: u64::MAX, ..Sealed::default() };
+            for (r, n) in &records {
+                prop_assert!(r.is_sealed() && r.user == 7 && r.ts == min_ts && *n > 0);
+                all.push((*r, *n as i64));
+                restored.add_record(r, *n);
+            }
+            prop_assert_eq!(projections(&all), BTreeMap::new());
+            prop_assert_eq!(restored.min_ts, min_ts);
+            let mut again: Vec<(Event, i64)> = records.iter().map(|(r, n)| (*r, *n as i64)).collect();
+            again.extend(restored.retractions(7).into_iter().map(|(r, n)| (r, n as i64)));
+            prop_assert_eq!(projections(&again), BTreeMap::new());
         }
     }
 }

@@ -41,7 +41,7 @@ pub mod segments;
 pub mod similar;
 pub mod windows;
 
-pub use basics::Basics;
+pub use basics::{Basics, BasicsState, SealedBasics};
 pub use dedup::DedupObserver;
 pub use event::{owner, route_hash, Device, Event, NameOrder, Time, UserKey, NO_ITEM, SEALED_ID};
 pub use gate::{ControlKinds, GateState, LateObserver, Retention};

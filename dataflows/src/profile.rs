@@ -82,6 +82,8 @@ pub struct Views<'s> {
     pub recommend: Option<RecommendViews<'s>>,
     /// The admitted input's state, for checkpoints.
     pub gate: gate::GateState,
+    /// The basics' sealed parts, for checkpoints with a retention.
+    pub basics_state: basics::BasicsState,
 }
 
 /// Builds every view from raw (not yet de-duplicated) events and the catalog; `refresh` ticks
@@ -104,13 +106,14 @@ pub fn profiles<'s>(
         config.controls,
         config.retention.clone(),
     );
-    let basics = basics::basics(
+    let (basics, basics_state) = basics::basics(
         events.clone(),
         config.session_gap_ms,
         config.purchase_kind,
         (config.names.clone(), config.event_ids.clone()),
         config.retention.as_ref().map(|r| r.retention_ms),
         config.forget_event_id.clone(),
+        config.retention.as_ref().and_then(|r| r.restore_time),
     );
     let recommend =
         recommend.map(|r| recommendation_views(events.clone(), catalog.clone(), refresh, r));
@@ -136,6 +139,7 @@ pub fn profiles<'s>(
         segments,
         recommend,
         gate,
+        basics_state,
     }
 }
 

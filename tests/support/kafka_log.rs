@@ -48,6 +48,12 @@ pub fn write_lines(path: &Path, lines: &[String]) {
 /// A log with redeliveries, late events, bad lines and the golden log's edge cases; and a
 /// catalog.
 pub fn make_log(dir: &Path) -> (PathBuf, PathBuf) {
+    make_log_spanning(dir, "6h", 1_700_000_000_000)
+}
+
+/// [`make_log`] with the generated events spread over `span` from `start_ms` (the golden log's
+/// events keep their own times, from 1_700_000_000_000 to 7 days later).
+pub fn make_log_spanning(dir: &Path, span: &str, start_ms: u64) -> (PathBuf, PathBuf) {
     let events = dir.join("events.jsonl");
     let catalog = dir.join("catalog.jsonl");
     run_ok(
@@ -66,7 +72,9 @@ pub fn make_log(dir: &Path) -> (PathBuf, PathBuf) {
                 "--categories",
                 "12",
                 "--span",
-                "6h",
+                span,
+                "--start-ms",
+                &start_ms.to_string(),
                 "--duplicates",
                 "0.05",
                 "--late",
