@@ -571,7 +571,13 @@ fn slow_stream_client_is_dropped_not_the_engine() {
     engine.wait_for(30, "u2's 100 events", |e| {
         e.get("/v1/users/u2").1["event_count"] == 100
     });
-    let (status, p, _) = engine.get("/v1/users/u1");
+    // Read at or after u1's triggers: u2's answer says nothing about how far u1's worker has
+    // published (SPEC §5: `min_as_of_ms` is the read-your-writes contract).
+    let entered = written.iter().filter_map(|t| t["as_of_ms"].as_u64()).max();
+    let (status, p, _) = engine.get(&format!(
+        "/v1/users/u1?min_as_of_ms={}",
+        entered.unwrap_or(0)
+    ));
     assert_eq!((status, &p["event_count"]), (200, &json!(1)), "{p}");
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut again = SseClient::connect(&engine.base, "/v1/users/u1/stream");
