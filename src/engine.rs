@@ -723,6 +723,7 @@ fn run_worker(
     let refresh_ticks = settings.recommendations.is_some() && (replay || refresh_every.is_some());
     let segment_config = segment_config(settings, shared);
     let mut last_refresh = 0u64;
+    let mut last_refresh_at = Instant::now();
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
     #[allow(clippy::type_complexity)]
@@ -1014,6 +1015,30 @@ fn run_worker(
                     }
                 }
             }
+        }
+        // Recommendations are re-ranked at a refresh tick, once per `every` of engine time, put
+        // in before this batch: at the current clock, the tick covers every earlier batch and
+        // fires as soon as this one moves the clock. While a backlog is read (a first start on
+        // a full topic, a restart), once per `every` of wall time at most: under the event
+        // clock a backlog spans days of event time in seconds, and re-ranking popular items
+        // thousands of times over made reading it several times slower, for answers nobody
+        // could read (every answer is at the latest time). Its last batches count as the
+        // tail, so that the tick before the last batch covers all the others.
+        if let Some(every) = refresh_every {
+            let backlog = match &feed {
+                Feed::Kafka(reader) => reader.in_backlog(2 * batch_lines as i64),
+                Feed::File { .. } => read >= batch_lines,
+            };
+            if clock / every > last_refresh / every
+                && (!backlog || last_refresh_at.elapsed() >= Duration::from_millis(every))
+            {
+                last_refresh = clock;
+                last_refresh_at = Instant::now();
+                inputs.advance_to(clock);
+                inputs.tick();
+            }
+        }
+        if reading {
             // The batch enters at a clock that has seen it: under the event clock, ids the
             // de-duplication remembers for a horizon from their entry time are not entered at a
             // time far behind their own ts (time 0 on a first batch). Control records do not
@@ -1086,13 +1111,6 @@ fn run_worker(
             inputs.advance_to(last);
             inputs.tick();
             clock = clock.max(last + 1);
-        }
-        if let Some(every) = refresh_every {
-            if clock / every > last_refresh / every {
-                last_refresh = clock;
-                inputs.advance_to(clock);
-                inputs.tick();
-            }
         }
         inputs.advance_to(clock);
         status.clock.store(clock, Ordering::Relaxed);
@@ -1292,7 +1310,12 @@ fn poll_checkpoint(
                     max_ts: shared.max_ts.load(Ordering::Acquire),
                     records: gate.records(shared.controls),
                     sealed: gate.sealed_records(),
-                    basics: basics.sealed_parts(seal),
+                    // Without a retention no user has a sealed part: skip the walk over them.
+                    basics: if gate.seals() {
+                        basics.sealed_parts(seal)
+                    } else {
+                        Vec::new()
+                    },
                     catalog: catalog.entries(&shared.settings.kafka.catalog_topic),
                 })
             },

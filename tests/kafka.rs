@@ -25,6 +25,23 @@ fn reasons(dead: &[Value]) -> BTreeMap<String, usize> {
     m
 }
 
+/// The item most events of the log name.
+fn most_common_item(events: &std::path::Path) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for line in lines(events) {
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if let Some(item) = v["item_id"].as_str() {
+                *counts.entry(item.to_string()).or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(item, _)| item)
+        .expect("the log names items")
+}
+
 fn matches_replay(workers: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (events, catalog) = make_log(dir.path());
@@ -37,6 +54,18 @@ fn matches_replay(workers: usize) {
     engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
     let total = (lines(&events).len() + lines(&catalog).len()) as i64;
     finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);
+
+    // Item-item lists were ranked from the topic: under the event clock the tick put in before
+    // the last event's batch covers every other event.
+    let item = most_common_item(&events);
+    let (status, similar, _) = engine.get(&format!("/v1/items/{item}/similar?limit=3"));
+    assert_eq!(status, 200, "{similar}");
+    let neighbours = similar["items"].as_array().cloned().unwrap_or_default();
+    let reason = format!("viewed together with {item}");
+    assert!(
+        !neighbours.is_empty() && neighbours.iter().all(|n| n["reason"] == reason.as_str()),
+        "{similar}"
+    );
 
     // Status: every partition of both topics, each read by one worker, read to its end; the
     // state reflects all but the last event (its time completes only with a later ts).

@@ -439,6 +439,21 @@ impl Reader {
         }
     }
 
+    /// Whether this worker is still reading a backlog: some partition it owns has not reached
+    /// its end yet and is more than `within` messages from the high watermark last seen (an
+    /// unknown watermark counts as far).
+    pub fn in_backlog(&self, within: i64) -> bool {
+        self.readers.iter().flatten().any(|r| {
+            r.owned.iter().any(|o| {
+                !o.caught_up
+                    && self
+                        .monitor
+                        .high_watermark(&r.topic, o.partition)
+                        .is_none_or(|high| high - o.next.unwrap_or(0) > within)
+            })
+        })
+    }
+
     /// The status of every partition this worker reads.
     pub fn status(&self) -> Vec<PartitionStatus> {
         let mut out = Vec::new();
