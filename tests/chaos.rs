@@ -280,10 +280,11 @@ fn erasure_reaches_the_checkpoints_and_survives_a_restart() {
     assert_eq!(engine.get(&format!("/v1/users/{other}")).0, 404);
 }
 
-/// An in-memory broker holding the test log; returns it and its number of messages.
+/// A broker holding the test log; returns it and its number of messages. SQLite storage: the
+/// in-memory one answers a fetch from inside a record batch with a later batch or nothing.
 fn broker_with_log(dir: &Path) -> (Broker, i64) {
     let (events, catalog) = make_log(dir);
-    let broker = Broker::memory();
+    let broker = Broker::sqlite(dir);
     create_topics(&broker);
     produce(&broker.addr, CATALOG, &catalog);
     produce(&broker.addr, EVENTS, &events);
