@@ -477,7 +477,9 @@ fn event_record(
 ) {
     shared.metrics.event_read();
     match parse::parse_event(raw, &shared.names, max_ts) {
-        Ok(event) if min_ts.is_some_and(|min| event.ts <= min) && !withdraws(&event, shared) => {
+        Ok(event)
+            if min_ts.is_some_and(|min| event.ts <= min) && !withdraws(&event, shared.controls) =>
+        {
             let r = too_late(&event, min_ts.unwrap_or(0));
             shared.dead.reject(&r, &origin.to_string(), raw);
             if event.device.is_some() {
@@ -494,9 +496,72 @@ fn event_record(
     }
 }
 
+/// A file's batches under a retention and the event clock, judged as if the clock moved line
+/// by line, so that a replay's result does not depend on where its batches end. A batch enters
+/// at its newest ts: a line is too late if that of any line before it, in its batch too, has
+/// passed it (judged at read, with the raw line), and a batch ends before a line that would
+/// make an older line of the same batch too late (that line starts the next batch).
+struct BatchCut {
+    /// The retention plus the allowed lateness (`None`: batches end at their size only).
+    span: Option<u64>,
+    /// The oldest and newest ts of the batch's events (control records aside: they do not move
+    /// the clock).
+    oldest: u64,
+    newest: u64,
+}
+
+impl BatchCut {
+    fn new(settings: &Settings, clock_mode: ClockMode) -> Self {
+        let span = match (settings.retention_ms, clock_mode) {
+            (Some(r), ClockMode::Event) => Some(r.saturating_add(settings.allowed_lateness_ms)),
+            _ => None,
+        };
+        BatchCut {
+            span,
+            oldest: u64::MAX,
+            newest: 0,
+        }
+    }
+
+    fn start(&mut self) {
+        self.oldest = u64::MAX;
+        self.newest = 0;
+    }
+
+    /// The ts at or before which the next line is too late: `min_ts` (from the clock before the
+    /// batch), or later if a newer line of the batch moved it.
+    fn min_ts(&self, min_ts: Option<u64>) -> Option<u64> {
+        let by_batch = self.span.and_then(|s| self.newest.checked_sub(s));
+        match (by_batch, min_ts) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether `event` joins the batch; if not, it starts the next one.
+    fn fits(&mut self, event: &Event, controls: persona_dataflows::ControlKinds) -> bool {
+        let Some(span) = self.span else {
+            return true;
+        };
+        if withdraws(event, controls) {
+            // Applied however late, and moves no clock.
+            return true;
+        }
+        if !controls.is_control(event) {
+            let seal = event.ts.checked_sub(span);
+            if seal.is_some_and(|seal| self.oldest <= seal) {
+                return false;
+            }
+            self.newest = self.newest.max(event.ts);
+        }
+        // A grant of consent moves no clock, but a newer event can make it too late.
+        self.oldest = self.oldest.min(event.ts);
+        true
+    }
+}
+
 /// Whether `event` is an erasure or a revocation: records that are applied however late.
-fn withdraws(event: &Event, shared: &Shared) -> bool {
-    let c = shared.controls;
+fn withdraws(event: &Event, c: persona_dataflows::ControlKinds) -> bool {
     event.kind == c.erasure || (event.kind == c.consent && event.value() <= 0.0)
 }
 
@@ -870,6 +935,9 @@ fn run_worker(
     }
     let mut pending: Vec<Query> = Vec::new();
     let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
+    let mut cut = BatchCut::new(settings, clock_mode);
+    // The event that ended the last batch of a file (see `BatchCut`): the next one's first.
+    let mut carried: Option<Event> = None;
     let mut last_status = Instant::now()
         .checked_sub(STATUS_EVERY)
         .unwrap_or_else(Instant::now);
@@ -944,11 +1012,18 @@ fn run_worker(
                             shared,
                         )?;
                     }
+                    cut.start();
+                    if let Some(e) = carried.take() {
+                        cut.fits(&e, shared.controls);
+                        batch.push(e);
+                        read += 1;
+                    }
                     while read < batch_lines {
                         match events.next_line()? {
                             Next::Line { number, oversize } => {
                                 read += 1;
                                 let line = events.line();
+                                let before = batch.len();
                                 if !line.iter().all(u8::is_ascii_whitespace) {
                                     let origin = Origin::Line {
                                         path: label,
@@ -962,10 +1037,16 @@ fn run_worker(
                                             line,
                                         );
                                     } else {
-                                        event_record(line, origin, ts_bounds, &mut batch, shared);
+                                        let bounds = (cut.min_ts(ts_bounds.0), ts_bounds.1);
+                                        event_record(line, origin, bounds, &mut batch, shared);
                                     }
                                 }
                                 events.clear();
+                                let added = batch.get(before);
+                                if added.is_some_and(|e| !cut.fits(e, shared.controls)) {
+                                    carried = batch.pop();
+                                    break;
+                                }
                             }
                             Next::Wait => {
                                 status.mark_end(clock);

@@ -323,12 +323,13 @@ fn in_bound_case() -> impl Strategy<Value = Case> {
     })
 }
 
-/// Settings with `engine.retention = 7d`, reading one line per step so that the event clock
-/// (and with it the seal point) moves line by line, as on a long log.
-fn retention_settings(workers: usize) -> persona::config::Settings {
+/// Settings with `engine.retention = 7d`, reading `batch_lines` lines per step (1: the event
+/// clock, and with it the seal point, moves line by line; `None`: the replay's default, where
+/// one batch spans the whole log and only its cuts keep it judged line by line).
+fn retention_settings(workers: usize, batch_lines: Option<usize>) -> persona::config::Settings {
     let mut s = support::settings(workers);
     s.retention_ms = Some(7 * DAY);
-    s.batch_lines = Some(1);
+    s.batch_lines = batch_lines;
     s
 }
 
@@ -340,65 +341,71 @@ proptest! {
     #[test]
     fn retention_within_its_lateness_bound_changes_no_profile(case in in_bound_case()) {
         let (expected, stats) = reference::profiles(&case.events, &case.catalog);
-        for workers in [1, 2, 4] {
+        for (workers, batch) in [(1, Some(1)), (2, Some(1)), (4, Some(1)), (1, None), (2, None)] {
+            let settings = retention_settings(workers, batch);
             let ((actual, summary), dead) =
-                support::replay_with(&case.events, &case.catalog, retention_settings(workers));
-            support::assert_profiles_eq(&actual, &expected, &format!("{workers} workers"));
-            prop_assert_eq!(summary.dead_letters, stats.dead, "dead letters, {} workers: {:?}", workers, dead);
-            prop_assert_eq!(summary.accepted, stats.accepted, "accepted, {} workers", workers);
+                support::replay_with(&case.events, &case.catalog, settings);
+            let run = format!("{workers} workers, batches of {batch:?} lines");
+            support::assert_profiles_eq(&actual, &expected, &run);
+            prop_assert_eq!(summary.dead_letters, stats.dead, "dead letters, {}: {:?}", run, dead);
+            prop_assert_eq!(summary.accepted, stats.accepted, "accepted, {}", run);
         }
     }
 }
 
-/// Records older than the retention when they arrive are dead letters with reason `too_late`:
-/// at parse time when the clock has already passed them (with the raw line), and at the gate
-/// when a newer record in the same batch moved the clock past them (rendered from the event).
-/// Erasures are applied however late; profiles keep everything else.
+/// Records older than the retention when they arrive are dead letters with reason `too_late`,
+/// with their raw line, judged as if the clock moved line by line: whatever the batch size, a
+/// record is never too late because of a newer record after it in its batch. Erasures are
+/// applied however late; profiles keep everything else.
 #[test]
 fn records_older_than_the_retention_are_dead_letters() {
     let ev = |id: &str, user: &str, offset: u64| {
         json!({"event_id": id, "user_id": user, "type": "click", "ts": BASE + offset, "device": {"type": "mobile"}}).to_string()
     };
     let events = vec![
-        ev("old-in-batch", "u1", 0),
+        // First: on time, though the next line is 10 days newer.
+        ev("old-first", "u1", 0),
         ev("new", "u1", 10 * DAY),
         ev("old-after", "u2", DAY),
         ev("kept", "u2", 9 * DAY),
         json!({"event_id": "x", "user_id": "u2", "type": "erasure", "ts": BASE + DAY}).to_string(),
     ];
-    let mut settings = support::settings(1);
-    settings.retention_ms = Some(7 * DAY);
-    settings.batch_lines = Some(2);
-    let ((profiles, summary), dead) = support::replay_with(&events, &[], settings);
-    let mut late: Vec<(String, String, String)> = dead
-        .iter()
-        .map(|d| {
-            let source = d["source"].as_str().unwrap();
-            let raw: serde_json::Value = serde_json::from_str(d["raw"].as_str().unwrap()).unwrap();
-            (
-                d["reason"].as_str().unwrap().to_string(),
-                source.rsplit(':').next().unwrap().to_string(),
-                raw["event_id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    late.sort();
-    let expected = [
-        ("too_late", "3", "old-after"),
-        ("too_late", "engine", "old-in-batch"),
-    ]
-    .map(|(r, s, i)| (r.to_string(), s.to_string(), i.to_string()));
-    assert_eq!(late, expected, "{dead:?}");
-    assert_eq!(summary.dead_letters, 2);
-    let counts: Vec<(String, u64)> = profiles
-        .iter()
-        .map(|p| {
-            (
-                p["user_id"].as_str().unwrap().to_string(),
-                p["event_count"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    // u2's event at 9 days survives its late erasure (stamped at day 1).
-    assert_eq!(counts, [("u1".to_string(), 1), ("u2".to_string(), 1)]);
+    for batch in [Some(1), Some(2), None] {
+        let mut settings = support::settings(1);
+        settings.retention_ms = Some(7 * DAY);
+        settings.batch_lines = batch;
+        let ((profiles, summary), dead) = support::replay_with(&events, &[], settings);
+        let late: Vec<(String, String, String)> = dead
+            .iter()
+            .map(|d| {
+                let source = d["source"].as_str().unwrap();
+                let raw: serde_json::Value =
+                    serde_json::from_str(d["raw"].as_str().unwrap()).unwrap();
+                (
+                    d["reason"].as_str().unwrap().to_string(),
+                    source.rsplit(':').next().unwrap().to_string(),
+                    raw["event_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let expected = [("too_late", "3", "old-after")]
+            .map(|(r, s, i)| (r.to_string(), s.to_string(), i.to_string()));
+        assert_eq!(late, expected, "batches of {batch:?}: {dead:?}");
+        assert_eq!(summary.dead_letters, 1);
+        let counts: Vec<(String, u64)> = profiles
+            .iter()
+            .map(|p| {
+                (
+                    p["user_id"].as_str().unwrap().to_string(),
+                    p["event_count"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        // u2's event at 9 days survives its late erasure (stamped at day 1).
+        assert_eq!(
+            counts,
+            [("u1".to_string(), 2), ("u2".to_string(), 1)],
+            "batches of {batch:?}"
+        );
+    }
 }
