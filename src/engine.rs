@@ -1105,14 +1105,12 @@ fn run_worker(
         // thousands of times over made reading it several times slower, for answers nobody
         // could read (every answer is at the latest time). Its last batches count as the
         // tail, so that the tick before the last batch covers all the others.
-        if let Some(every) = refresh_every {
+        if let Some(every) = refresh_every.filter(|every| clock / every > last_refresh / every) {
             let backlog = match &feed {
                 Feed::Kafka(reader) => reader.in_backlog(2 * batch_lines as i64),
                 Feed::File { .. } => read >= batch_lines,
             };
-            if clock / every > last_refresh / every
-                && (!backlog || last_refresh_at.elapsed() >= Duration::from_millis(every))
-            {
+            if !backlog || last_refresh_at.elapsed() >= Duration::from_millis(every) {
                 last_refresh = clock;
                 last_refresh_at = Instant::now();
                 inputs.advance_to(clock);
