@@ -127,9 +127,6 @@ pub fn segments<'s>(
     membership(facts, basics, config.clone())
 }
 
-/// Updates of one complete time: small facts and basics.
-type Batch = (Vec<(UserKey, Fact, isize)>, Vec<(UserKey, Basics, isize)>);
-
 /// The keyed operator: facts and basics in, membership changes out.
 fn membership<'s>(
     facts: VecCollection<'s, Time, (UserKey, Fact)>,
@@ -144,53 +141,79 @@ fn membership<'s>(
             Pipeline,
             "Segments",
             move |_cap, _info| {
-                let mut pending: BTreeMap<Time, (Capability<Time>, Batch)> = BTreeMap::new();
+                // One capability, at the earliest pending time: a replay's window retractions
+                // fall on distinct milliseconds, and a capability (and an output message) per
+                // time made progress tracking a large share of the cost.
+                // Pending updates in two flat lists, sorted by (time, user) when some time
+                // completes: a replay's window retractions fall on distinct milliseconds, and
+                // a map entry per time cost more than the work done at it.
+                let mut facts: Vec<(Time, UserKey, Fact, isize)> = Vec::new();
+                let mut basics: Vec<(Time, UserKey, Basics, isize)> = Vec::new();
+                let mut earliest = Time::MAX;
+                let mut held: Option<Capability<Time>> = None;
                 let mut users: HashMap<u64, UserFacts> = HashMap::default();
                 let mut touched: Vec<u64> = Vec::new();
                 let mut members: Vec<u32> = Vec::new();
+                let mut changes: Vec<((UserKey, u32), Time, isize)> = Vec::new();
                 move |(facts_in, facts_frontier), (basics_in, basics_frontier), output| {
                     facts_in.for_each(|cap, data| {
                         for ((user, fact), time, diff) in data.drain(..) {
-                            pending
-                                .entry(time)
-                                .or_insert_with(|| (cap.delayed(&time, 0), Batch::default()))
-                                .1
-                                 .0
-                                .push((user, fact, diff));
+                            hold_at(&mut held, &cap, time);
+                            earliest = earliest.min(time);
+                            facts.push((time, user, fact, diff));
                         }
                     });
                     basics_in.for_each(|cap, data| {
                         for ((user, b), time, diff) in data.drain(..) {
-                            pending
-                                .entry(time)
-                                .or_insert_with(|| (cap.delayed(&time, 0), Batch::default()))
-                                .1
-                                 .1
-                                .push((user, b, diff));
+                            hold_at(&mut held, &cap, time);
+                            earliest = earliest.min(time);
+                            basics.push((time, user, b, diff));
                         }
                     });
-                    while let Some(entry) = pending.first_entry() {
-                        if facts_frontier.less_equal(entry.key())
-                            || basics_frontier.less_equal(entry.key())
-                        {
+                    // Times before both frontiers are complete.
+                    let bound = facts_frontier
+                        .frontier()
+                        .iter()
+                        .chain(basics_frontier.frontier().iter())
+                        .min()
+                        .copied()
+                        .unwrap_or(Time::MAX);
+                    if earliest >= bound {
+                        return;
+                    }
+                    facts.sort_unstable_by_key(|(t, u, ..)| (*t, *u));
+                    basics.sort_unstable_by_key(|(t, u, ..)| (*t, *u));
+                    let facts_done = facts.partition_point(|(t, ..)| *t < bound);
+                    let basics_done = basics.partition_point(|(t, ..)| *t < bound);
+                    let (mut f, mut b) = (0, 0);
+                    loop {
+                        let next_fact = (f < facts_done).then(|| facts[f].0);
+                        let next_basics = (b < basics_done).then(|| basics[b].0);
+                        let Some(time) = next_fact.into_iter().chain(next_basics).min() else {
                             break;
-                        }
-                        let (time, (cap, (batch, basics))) = entry.remove_entry();
+                        };
                         touched.clear();
-                        for (user, b, diff) in &basics {
+                        while b < basics_done && basics[b].0 == time {
+                            let (_, user, ref new, diff) = basics[b];
                             users
                                 .entry(user.0)
                                 .or_default()
-                                .apply_basics(b, *diff as i64);
+                                .apply_basics(new, diff as i64);
                             touched.push(user.0);
+                            b += 1;
                         }
-                        for (user, fact, diff) in &batch {
-                            users.entry(user.0).or_default().apply(fact, *diff as i64);
-                            touched.push(user.0);
+                        while f < facts_done && facts[f].0 == time {
+                            // One lookup for a user's run of facts at this time.
+                            let user = facts[f].1 .0;
+                            let state = users.entry(user).or_default();
+                            while f < facts_done && facts[f].0 == time && facts[f].1 .0 == user {
+                                state.apply(&facts[f].2, facts[f].3 as i64);
+                                f += 1;
+                            }
+                            touched.push(user);
                         }
                         touched.sort_unstable();
                         touched.dedup();
-                        let mut session = output.session(&cap);
                         for user in &touched {
                             let Some(state) = users.get_mut(user) else {
                                 continue;
@@ -212,10 +235,10 @@ fn membership<'s>(
                             }
                             if members != state.members {
                                 for id in state.members.iter().filter(|m| !members.contains(m)) {
-                                    session.give(((UserKey(*user), *id), time, -1isize));
+                                    changes.push(((UserKey(*user), *id), time, -1isize));
                                 }
                                 for id in members.iter().filter(|m| !state.members.contains(m)) {
-                                    session.give(((UserKey(*user), *id), time, 1isize));
+                                    changes.push(((UserKey(*user), *id), time, 1isize));
                                 }
                                 state.members.clone_from(&members);
                             }
@@ -224,10 +247,50 @@ fn membership<'s>(
                             }
                         }
                     }
+                    facts.drain(..facts_done);
+                    basics.drain(..basics_done);
+                    if let Some(cap) = held.as_ref() {
+                        if !changes.is_empty() {
+                            // Each change keeps its own time, at or after the capability's.
+                            output.session(cap).give_iterator(changes.drain(..));
+                        }
+                    }
+                    earliest = match (facts.first(), basics.first()) {
+                        (Some(x), Some(y)) => x.0.min(y.0),
+                        (Some(x), None) => x.0,
+                        (None, Some(y)) => y.0,
+                        (None, None) => Time::MAX,
+                    };
+                    release_to(&mut held, (earliest < Time::MAX).then_some(&earliest));
                 }
             },
         )
         .as_collection()
+}
+
+/// Makes `held` a capability at or before `time` (taken from the message that brought it).
+pub(crate) fn hold_at(
+    held: &mut Option<Capability<Time>>,
+    cap: &timely::dataflow::operators::InputCapability<Time>,
+    time: Time,
+) {
+    if held.as_ref().is_none_or(|h| time < *h.time()) {
+        *held = Some(cap.delayed(&time, 0));
+    }
+}
+
+/// Moves `held` up to the earliest time still pending, or drops it when none is.
+pub(crate) fn release_to(held: &mut Option<Capability<Time>>, next: Option<&Time>) {
+    match next {
+        Some(next) => {
+            if let Some(h) = held.as_mut() {
+                if h.time() < next {
+                    h.downgrade(next);
+                }
+            }
+        }
+        None => *held = None,
+    }
 }
 
 /// One user's facts, accumulated.
