@@ -496,8 +496,9 @@ fn event_record(
     }
 }
 
-/// A file's batches under a retention and the event clock, judged as if the clock moved line
-/// by line, so that a replay's result does not depend on where its batches end. A batch enters
+/// Batches under a retention and the event clock, judged as if the clock moved record by
+/// record, so that the result does not depend on where batches end (a file's lines or a
+/// Kafka worker's messages, in the order it reads them). A batch enters
 /// at its newest ts: a line is too late if that of any line before it, in its batch too, has
 /// passed it (judged at read, with the raw line), and a batch ends before a line that would
 /// make an older line of the same batch too late (that line starts the next batch).
@@ -560,6 +561,22 @@ impl BatchCut {
     }
 }
 
+/// Starts a batch with the event that ended the last one, if any; returns how many it took.
+fn start_batch(
+    cut: &mut BatchCut,
+    carried: &mut Option<Event>,
+    batch: &mut Vec<Event>,
+    controls: persona_dataflows::ControlKinds,
+) -> usize {
+    cut.start();
+    let Some(e) = carried.take() else {
+        return 0;
+    };
+    cut.fits(&e, controls);
+    batch.push(e);
+    1
+}
+
 /// Whether `event` is an erasure or a revocation: records that are applied however late.
 fn withdraws(event: &Event, c: persona_dataflows::ControlKinds) -> bool {
     event.kind == c.erasure || (event.kind == c.consent && event.value() <= 0.0)
@@ -575,9 +592,9 @@ fn too_late(event: &Event, seal: u64) -> parse::Rejection {
     )
 }
 
-/// Dead-letters the records the gate finds later than the retention (ones that reached it in
-/// the same batch as newer events, which moved the clock past them). Their raw line is gone by
-/// then, so the record shows the event as the engine read it.
+/// Dead-letters the records the gate finds later than the retention: ones read before another
+/// worker's (or process's) newer events moved the shared event clock past them. Their raw line
+/// is gone by then, so the record shows the event as the engine read it.
 struct LateRecords(Arc<Shared>);
 
 impl persona_dataflows::LateObserver for LateRecords {
@@ -936,7 +953,7 @@ fn run_worker(
     let mut pending: Vec<Query> = Vec::new();
     let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
     let mut cut = BatchCut::new(settings, clock_mode);
-    // The event that ended the last batch of a file (see `BatchCut`): the next one's first.
+    // The event that ended the last batch (see `BatchCut`): the next one's first.
     let mut carried: Option<Event> = None;
     let mut last_status = Instant::now()
         .checked_sub(STATUS_EVERY)
@@ -1012,12 +1029,7 @@ fn run_worker(
                             shared,
                         )?;
                     }
-                    cut.start();
-                    if let Some(e) = carried.take() {
-                        cut.fits(&e, shared.controls);
-                        batch.push(e);
-                        read += 1;
-                    }
+                    read += start_batch(&mut cut, &mut carried, &mut batch, shared.controls);
                     while read < batch_lines {
                         match events.next_line()? {
                             Next::Line { number, oversize } => {
@@ -1066,10 +1078,19 @@ fn run_worker(
                     }
                 }
                 Feed::Kafka(reader) => {
-                    let outcome =
-                        reader.read(batch_lines, &mut |stream, raw, origin| match stream {
+                    read += start_batch(&mut cut, &mut carried, &mut batch, shared.controls);
+                    let outcome = reader.read(batch_lines - read, &mut |stream, raw, origin| {
+                        match stream {
                             Stream::Events => {
-                                event_record(raw, origin, ts_bounds, &mut batch, shared)
+                                let before = batch.len();
+                                let bounds = (cut.min_ts(ts_bounds.0), ts_bounds.1);
+                                event_record(raw, origin, bounds, &mut batch, shared);
+                                let added = batch.get(before);
+                                if added.is_some_and(|e| !cut.fits(e, shared.controls)) {
+                                    // Kept for the next batch; the reader holds its position.
+                                    carried = batch.pop();
+                                    return false;
+                                }
                             }
                             Stream::Catalog => {
                                 if let Some(input) = inputs.catalog.as_mut() {
@@ -1082,8 +1103,10 @@ fn run_worker(
                                     )
                                 }
                             }
-                        })?;
-                    read = outcome.records;
+                        }
+                        true
+                    })?;
+                    read += outcome.records;
                     if outcome.caught_up && read < batch_lines {
                         status.mark_end(clock);
                     }

@@ -73,8 +73,8 @@ fn with_a_retention_sigkill_loses_nothing_either() {
     let dir = tempfile::tempdir().unwrap();
     // Ends with the golden log's week, whose events come last in the file. Each restarted
     // engine catches up before the next chunk (12 days / 7) is produced, so it reads at most
-    // two at once, far less than the retention: nothing is too late. (Read at once from Kafka,
-    // whose batches are not cut as a file's are, some of the first days would be.)
+    // two at once, far less than the retention: nothing is too late (a batch spanning more is
+    // cut as a file's is; `tests/kafka.rs` checks that).
     let log = make_log_spanning(dir.path(), "12d", 1_700_604_800_000 - 12 * DAY);
     let retention = "retention = \"8d\"\n";
     let (mut engine, broker, expected) = chaos(dir.path(), log, retention, 6, true);

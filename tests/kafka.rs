@@ -163,6 +163,42 @@ fn three_workers_over_four_partitions_match_replay() {
 
 /// The broker is down when the engine starts, then killed and restarted (topics kept on disk)
 /// between two halves of the log; the second half redelivers part of the first.
+const DAY: u64 = 86_400_000;
+
+/// Under a retention, a topic whose first batch spans more than the retention (20 days read at
+/// once) gives the replay's profiles and dead letters: a batch ends before a message that
+/// would overtake an older one of the same batch, as a file's does, so nothing read in order
+/// is too late.
+#[test]
+fn a_first_batch_spanning_more_than_the_retention_matches_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (events, catalog) = make_log_spanning(dir.path(), "20d", 1_700_604_800_000 - 20 * DAY);
+    let retention = "retention = \"8d\"\n";
+    let (max_ts, expected, replay_dead) = replay_config(dir.path(), &events, &catalog, retention);
+    let broker = Broker::memory();
+    // One partition: the order the engine reads is the file's.
+    broker.create_topic(EVENTS, 1);
+    broker.create_topic(CATALOG, 1);
+    broker.create_topic(DEAD, 1);
+    produce(&broker.addr, CATALOG, &catalog);
+    produce(&broker.addr, EVENTS, &events);
+    let engine = start_engine(dir.path(), &broker.addr, 1, retention);
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    let total = (lines(&events).len() + lines(&catalog).len()) as i64;
+    finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);
+    let dead: Vec<Value> = broker
+        .read_topic(DEAD, 1)
+        .iter()
+        .map(|(_, _, m)| serde_json::from_slice(m).unwrap())
+        .collect();
+    assert_eq!(reasons(&dead), reasons(&replay_dead));
+    assert!(
+        !dead.iter().any(|d| d["reason"] == "too_late"),
+        "{:?}",
+        dead.iter().find(|d| d["reason"] == "too_late")
+    );
+}
+
 #[test]
 fn broker_down_at_start_and_restarted_mid_stream() {
     let dir = tempfile::tempdir().unwrap();

@@ -201,6 +201,10 @@ pub struct Reader {
     changed: bool,
     reflected: Option<Snapshot>,
     last_error_log: Option<Instant>,
+    /// The position after a record the engine kept for its next batch (reader, owned
+    /// partition, next offset): it moves when that batch is read, so that a checkpoint taken
+    /// in between does not count the record as applied.
+    deferred: Option<(usize, usize, i64)>,
 }
 
 /// What one [`Reader::read`] did.
@@ -235,6 +239,7 @@ impl Reader {
             changed: false,
             reflected: None,
             last_error_log: None,
+            deferred: None,
         }
     }
 
@@ -336,11 +341,13 @@ impl Reader {
         self.readers.as_ref().is_some_and(|r| r.is_empty())
     }
 
-    /// Hands up to `budget` records to `handle`, without blocking.
+    /// Hands up to `budget` records to `handle`, without blocking. When `handle` answers
+    /// `false`, it has kept the record for its next batch: reading stops, and the record's
+    /// position moves at the next call (the batch that applies it).
     pub fn read(
         &mut self,
         budget: usize,
-        handle: &mut dyn FnMut(Stream, &[u8], Origin<'_>),
+        handle: &mut dyn FnMut(Stream, &[u8], Origin<'_>) -> bool,
     ) -> Result<Read> {
         if !self.connect()? {
             return Ok(Read {
@@ -348,23 +355,25 @@ impl Reader {
                 caught_up: false,
             });
         }
-        let mut records = 0;
         let readers = self.readers.as_deref_mut().unwrap_or_default();
-        for r in readers.iter_mut() {
+        if let Some((ri, oi, next)) = self.deferred.take() {
+            if let Some(o) = readers.get_mut(ri).and_then(|r| r.owned.get_mut(oi)) {
+                o.next = Some(next);
+                self.changed = true;
+            }
+        }
+        let mut records = 0;
+        'readers: for (ri, r) in readers.iter_mut().enumerate() {
             while records < budget {
                 let Some(polled) = r.consumer.poll(Duration::ZERO) else {
                     break;
                 };
                 match polled {
                     Ok(msg) => {
-                        records += 1;
                         let partition = msg.partition();
                         let offset = msg.offset();
-                        if let Some(o) = r.owned.iter_mut().find(|o| o.partition == partition) {
-                            o.next = Some(offset + 1);
-                            self.changed = true;
-                        }
-                        handle(
+                        let owned = r.owned.iter().position(|o| o.partition == partition);
+                        let taken = handle(
                             r.stream,
                             msg.payload().unwrap_or_default(),
                             Origin::Message {
@@ -373,6 +382,15 @@ impl Reader {
                                 offset,
                             },
                         );
+                        if !taken {
+                            self.deferred = owned.map(|oi| (ri, oi, offset + 1));
+                            break 'readers;
+                        }
+                        records += 1;
+                        if let Some(oi) = owned {
+                            r.owned[oi].next = Some(offset + 1);
+                            self.changed = true;
+                        }
                     }
                     Err(KafkaError::PartitionEOF(p)) => {
                         if let Some(o) = r.owned.iter_mut().find(|o| o.partition == p) {

@@ -103,8 +103,18 @@ pub fn replay(
     events: &Path,
     catalog: &Path,
 ) -> (u64, BTreeMap<String, Value>, Vec<Value>) {
+    replay_config(dir, events, catalog, "")
+}
+
+/// [`replay`] with `engine` more lines of `[engine]` settings.
+pub fn replay_config(
+    dir: &Path,
+    events: &Path,
+    catalog: &Path,
+    engine: &str,
+) -> (u64, BTreeMap<String, Value>, Vec<Value>) {
     let config = dir.join("replay.toml");
-    std::fs::write(&config, ENGINE).unwrap();
+    std::fs::write(&config, format!("{ENGINE}{engine}")).unwrap();
     let dump = dir.join("replay.jsonl");
     let dead = dir.join("replay-dead.jsonl");
     run_ok(
