@@ -16,6 +16,34 @@ pub type Time = u64;
 pub type PendingByTime<D> =
     std::collections::BTreeMap<Time, (timely::dataflow::operators::Capability<Time>, Vec<D>)>;
 
+/// Makes `held` a capability at or before `time` (taken from the message that brought it).
+pub(crate) fn hold_at(
+    held: &mut Option<timely::dataflow::operators::Capability<Time>>,
+    cap: &timely::dataflow::operators::InputCapability<Time>,
+    time: Time,
+) {
+    if held.as_ref().is_none_or(|h| time < *h.time()) {
+        *held = Some(cap.delayed(&time, 0));
+    }
+}
+
+/// Moves `held` up to the earliest time still pending, or drops it when none is.
+pub(crate) fn release_to(
+    held: &mut Option<timely::dataflow::operators::Capability<Time>>,
+    next: Option<&Time>,
+) {
+    match next {
+        Some(next) => {
+            if let Some(h) = held.as_mut() {
+                if h.time() < next {
+                    h.downgrade(next);
+                }
+            }
+        }
+        None => *held = None,
+    }
+}
+
 /// Orders two hashed names by their strings (item ids, event ids). Views need it for the
 /// tie rules of SPEC §4, which are defined on the strings, not on their hashes.
 pub type NameOrder = Arc<dyn Fn(u64, u64) -> Ordering + Send + Sync>;

@@ -16,7 +16,7 @@
 //! Cost per event: O(log n + K) in the user's in-horizon touches. Memory: one entry per item
 //! event within the horizon, plus one record per (user, purchased item).
 
-use crate::event::{newest_items, Event, NameOrder, PendingByTime, Time, UserKey};
+use crate::event::{newest_items, release_to, Event, NameOrder, PendingByTime, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
@@ -303,16 +303,7 @@ pub fn interactions<'s>(
                         }
                     }
                     drop(session);
-                    match expiries.peek() {
-                        Some(Reverse((next, ..))) => {
-                            if let Some(h) = held.as_mut() {
-                                if h.time() < next {
-                                    h.downgrade(next);
-                                }
-                            }
-                        }
-                        None => held = None,
-                    }
+                    release_to(&mut held, expiries.peek().map(|Reverse((next, ..))| next));
                 }
             }
         })

@@ -15,6 +15,7 @@
 //! event, one pending retraction per window read, until it is due.
 
 use crate::basics::Basics;
+use crate::event::{hold_at, release_to};
 use crate::event::{Device, Event, NameOrder, Time, UserKey};
 use crate::profile::Feature;
 use crate::rules::{Fields, Needs, Number, Rule};
@@ -266,31 +267,6 @@ fn membership<'s>(
             },
         )
         .as_collection()
-}
-
-/// Makes `held` a capability at or before `time` (taken from the message that brought it).
-pub(crate) fn hold_at(
-    held: &mut Option<Capability<Time>>,
-    cap: &timely::dataflow::operators::InputCapability<Time>,
-    time: Time,
-) {
-    if held.as_ref().is_none_or(|h| time < *h.time()) {
-        *held = Some(cap.delayed(&time, 0));
-    }
-}
-
-/// Moves `held` up to the earliest time still pending, or drops it when none is.
-pub(crate) fn release_to(held: &mut Option<Capability<Time>>, next: Option<&Time>) {
-    match next {
-        Some(next) => {
-            if let Some(h) = held.as_mut() {
-                if h.time() < next {
-                    h.downgrade(next);
-                }
-            }
-        }
-        None => *held = None,
-    }
 }
 
 /// One user's facts, accumulated.

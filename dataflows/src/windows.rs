@@ -14,7 +14,7 @@
 //! Cost: two updates per event, O(log pending) each; memory: one record per event within the
 //! widest window. A read costs O(the user's events within the widest window).
 
-use crate::event::{Event, Time, UserKey};
+use crate::event::{hold_at, release_to, Event, Time, UserKey};
 use crate::profile::Feature;
 use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::{AsCollection, VecCollection};
@@ -69,9 +69,7 @@ pub fn release_when_due<'s, D: differential_dataflow::Data>(
                             session.give((d, t, r));
                         } else {
                             stash.push(Reverse((t, d, r)));
-                            if held.as_ref().is_none_or(|h| t < *h.time()) {
-                                held = Some(cap.delayed(&t, 0));
-                            }
+                            hold_at(&mut held, &cap, t);
                         }
                     }
                 });
@@ -88,16 +86,7 @@ pub fn release_when_due<'s, D: differential_dataflow::Data>(
                         }
                     }
                 }
-                match stash.peek() {
-                    Some(Reverse((next, _, _))) => {
-                        if let Some(h) = held.as_mut() {
-                            if h.time() < next {
-                                h.downgrade(next);
-                            }
-                        }
-                    }
-                    None => held = None,
-                }
+                release_to(&mut held, stash.peek().map(|Reverse((next, _, _))| next));
             }
         })
         .as_collection()
