@@ -561,6 +561,31 @@ impl BatchCut {
     }
 }
 
+impl BatchCut {
+    /// Parses one record into `batch`, judged against the batch so far. `false`: the event
+    /// would make an older one of the batch too late, so it is kept in `carried` to start the
+    /// next batch.
+    fn record(
+        &mut self,
+        raw: &[u8],
+        origin: Origin<'_>,
+        (min_ts, max_ts): (Option<u64>, Option<u64>),
+        (batch, carried): (&mut Vec<Event>, &mut Option<Event>),
+        shared: &Shared,
+    ) -> bool {
+        let before = batch.len();
+        event_record(raw, origin, (self.min_ts(min_ts), max_ts), batch, shared);
+        if batch
+            .get(before)
+            .is_some_and(|e| !self.fits(e, shared.controls))
+        {
+            *carried = batch.pop();
+            return false;
+        }
+        true
+    }
+}
+
 /// Starts a batch with the event that ended the last one, if any; returns how many it took.
 fn start_batch(
     cut: &mut BatchCut,
@@ -1035,7 +1060,7 @@ fn run_worker(
                             Next::Line { number, oversize } => {
                                 read += 1;
                                 let line = events.line();
-                                let before = batch.len();
+                                let mut taken = true;
                                 if !line.iter().all(u8::is_ascii_whitespace) {
                                     let origin = Origin::Line {
                                         path: label,
@@ -1049,14 +1074,17 @@ fn run_worker(
                                             line,
                                         );
                                     } else {
-                                        let bounds = (cut.min_ts(ts_bounds.0), ts_bounds.1);
-                                        event_record(line, origin, bounds, &mut batch, shared);
+                                        taken = cut.record(
+                                            line,
+                                            origin,
+                                            ts_bounds,
+                                            (&mut batch, &mut carried),
+                                            shared,
+                                        );
                                     }
                                 }
                                 events.clear();
-                                let added = batch.get(before);
-                                if added.is_some_and(|e| !cut.fits(e, shared.controls)) {
-                                    carried = batch.pop();
+                                if !taken {
                                     break;
                                 }
                             }
@@ -1082,15 +1110,15 @@ fn run_worker(
                     let outcome = reader.read(batch_lines - read, &mut |stream, raw, origin| {
                         match stream {
                             Stream::Events => {
-                                let before = batch.len();
-                                let bounds = (cut.min_ts(ts_bounds.0), ts_bounds.1);
-                                event_record(raw, origin, bounds, &mut batch, shared);
-                                let added = batch.get(before);
-                                if added.is_some_and(|e| !cut.fits(e, shared.controls)) {
-                                    // Kept for the next batch; the reader holds its position.
-                                    carried = batch.pop();
-                                    return false;
-                                }
+                                // Not taken: kept for the next batch, and the reader holds
+                                // its position until then.
+                                return cut.record(
+                                    raw,
+                                    origin,
+                                    ts_bounds,
+                                    (&mut batch, &mut carried),
+                                    shared,
+                                );
                             }
                             Stream::Catalog => {
                                 if let Some(input) = inputs.catalog.as_mut() {

@@ -15,8 +15,7 @@
 //! event, one pending retraction per window read, until it is due.
 
 use crate::basics::Basics;
-use crate::event::{hold_at, release_to};
-use crate::event::{Device, Event, NameOrder, Time, UserKey};
+use crate::event::{hold_at, release_to, Device, Event, NameOrder, Time, UserKey};
 use crate::profile::Feature;
 use crate::rules::{Fields, Needs, Number, Rule};
 use crate::windows::release_when_due;
@@ -142,12 +141,10 @@ fn membership<'s>(
             Pipeline,
             "Segments",
             move |_cap, _info| {
-                // One capability, at the earliest pending time: a replay's window retractions
-                // fall on distinct milliseconds, and a capability (and an output message) per
-                // time made progress tracking a large share of the cost.
-                // Pending updates in two flat lists, sorted by (time, user) when some time
-                // completes: a replay's window retractions fall on distinct milliseconds, and
-                // a map entry per time cost more than the work done at it.
+                // A replay's window retractions fall on distinct milliseconds, and a map
+                // entry, a capability and an output message per time cost more than the work
+                // done at it. So: two flat lists, sorted by (time, user) when some time
+                // completes, and one capability, at the earliest pending time.
                 let mut facts: Vec<(Time, UserKey, Fact, isize)> = Vec::new();
                 let mut basics: Vec<(Time, UserKey, Basics, isize)> = Vec::new();
                 let mut earliest = Time::MAX;
@@ -256,13 +253,10 @@ fn membership<'s>(
                             output.session(cap).give_iterator(changes.drain(..));
                         }
                     }
-                    earliest = match (facts.first(), basics.first()) {
-                        (Some(x), Some(y)) => x.0.min(y.0),
-                        (Some(x), None) => x.0,
-                        (None, Some(y)) => y.0,
-                        (None, None) => Time::MAX,
-                    };
-                    release_to(&mut held, (earliest < Time::MAX).then_some(&earliest));
+                    let next = facts.first().map(|x| x.0).into_iter();
+                    let next = next.chain(basics.first().map(|y| y.0)).min();
+                    earliest = next.unwrap_or(Time::MAX);
+                    release_to(&mut held, next.as_ref());
                 }
             },
         )
