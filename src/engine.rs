@@ -497,18 +497,28 @@ fn event_record(
 }
 
 /// Batches under a retention and the event clock, judged as if the clock moved record by
-/// record, so that the result does not depend on where batches end (a file's lines or a
-/// Kafka worker's messages, in the order it reads them). A batch enters
-/// at its newest ts: a line is too late if that of any line before it, in its batch too, has
-/// passed it (judged at read, with the raw line), and a batch ends before a line that would
-/// make an older line of the same batch too late (that line starts the next batch).
+/// record, so that the result does not depend on where batches end. The clock is judged per
+/// *stream*: a file's lines, or one Kafka partition's messages, in the order they are read.
+/// (A worker's clock follows its slowest partition while it reads a backlog, see
+/// `Reader::backlog`, so partitions that librdkafka hands over weeks apart in event time do
+/// not make each other too late.) A line is too late if that of any line before it in its
+/// stream has passed it, and a batch ends before a line that would make an older line of its
+/// stream in the same batch too late (that line starts the next batch): the batch enters at a
+/// clock no further than its streams' newest ts.
 struct BatchCut {
     /// The retention plus the allowed lateness (`None`: batches end at their size only).
     span: Option<u64>,
-    /// The oldest and newest ts of the batch's events (control records aside: they do not move
-    /// the clock).
-    oldest: u64,
-    newest: u64,
+    /// One entry per stream read so far (a few: the partitions a worker reads).
+    streams: Vec<StreamClock>,
+}
+
+/// One stream's newest ts, and the oldest and newest ts of its events in the current batch
+/// (control records aside: they do not move the clock).
+struct StreamClock {
+    stream: i32,
+    newest: Option<u64>,
+    batch_oldest: u64,
+    batch_newest: u64,
 }
 
 impl BatchCut {
@@ -519,85 +529,143 @@ impl BatchCut {
         };
         BatchCut {
             span,
-            oldest: u64::MAX,
-            newest: 0,
+            streams: Vec::new(),
         }
     }
 
     fn start(&mut self) {
-        self.oldest = u64::MAX;
-        self.newest = 0;
+        for s in &mut self.streams {
+            s.batch_oldest = u64::MAX;
+            s.batch_newest = 0;
+        }
     }
 
-    /// The ts at or before which the next line is too late: `min_ts` (from the clock before the
-    /// batch), or later if a newer line of the batch moved it.
-    fn min_ts(&self, min_ts: Option<u64>) -> Option<u64> {
-        let by_batch = self.span.and_then(|s| self.newest.checked_sub(s));
-        match (by_batch, min_ts) {
+    /// The newest ts of the events taken from `stream` (a Kafka partition) so far.
+    fn newest(&self, stream: i32) -> Option<u64> {
+        self.streams
+            .iter()
+            .find(|s| s.stream == stream)
+            .and_then(|s| s.newest)
+    }
+
+    fn clock(&mut self, stream: i32) -> &mut StreamClock {
+        let i = match self.streams.iter().position(|s| s.stream == stream) {
+            Some(i) => i,
+            None => {
+                self.streams.push(StreamClock {
+                    stream,
+                    newest: None,
+                    batch_oldest: u64::MAX,
+                    batch_newest: 0,
+                });
+                self.streams.len() - 1
+            }
+        };
+        &mut self.streams[i]
+    }
+
+    /// The ts at or before which the next line of `stream` is too late: `min_ts` (from the
+    /// clock before the batch), or later if a newer line of the stream moved it.
+    fn min_ts(&mut self, stream: i32, min_ts: Option<u64>) -> Option<u64> {
+        let Some(span) = self.span else {
+            return min_ts;
+        };
+        let by_stream = self.clock(stream).newest.and_then(|n| n.checked_sub(span));
+        match (by_stream, min_ts) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
     }
 
     /// Whether `event` joins the batch; if not, it starts the next one.
-    fn fits(&mut self, event: &Event, controls: persona_dataflows::ControlKinds) -> bool {
-        let Some(span) = self.span else {
-            return true;
-        };
+    fn fits(
+        &mut self,
+        event: &Event,
+        stream: i32,
+        controls: persona_dataflows::ControlKinds,
+    ) -> bool {
         if withdraws(event, controls) {
             // Applied however late, and moves no clock.
             return true;
         }
+        let span = self.span;
+        let clock = self.clock(stream);
         if !controls.is_control(event) {
-            let seal = event.ts.checked_sub(span);
-            if seal.is_some_and(|seal| self.oldest <= seal) {
+            let seal = span.and_then(|span| event.ts.checked_sub(span));
+            if seal.is_some_and(|seal| clock.batch_oldest <= seal) {
                 return false;
             }
-            self.newest = self.newest.max(event.ts);
+            clock.batch_newest = clock.batch_newest.max(event.ts);
+            clock.newest = clock.newest.max(Some(event.ts));
         }
         // A grant of consent moves no clock, but a newer event can make it too late.
-        self.oldest = self.oldest.min(event.ts);
+        clock.batch_oldest = clock.batch_oldest.min(event.ts);
         true
     }
 }
 
+/// The stream a record is judged in (see [`BatchCut`]): its Kafka partition, or the file.
+fn stream_of(origin: &Origin<'_>) -> i32 {
+    match origin {
+        Origin::Message { partition, .. } => *partition,
+        Origin::Line { .. } => -1,
+    }
+}
+
 impl BatchCut {
-    /// Parses one record into `batch`, judged against the batch so far. `false`: the event
-    /// would make an older one of the batch too late, so it is kept in `carried` to start the
-    /// next batch.
+    /// Parses one record into `batch`, judged against its stream so far. `false`: the event
+    /// would make an older one of its stream in the batch too late, so it is kept in `carried`
+    /// to start the next batch.
     fn record(
         &mut self,
         raw: &[u8],
         origin: Origin<'_>,
         (min_ts, max_ts): (Option<u64>, Option<u64>),
-        (batch, carried): (&mut Vec<Event>, &mut Option<Event>),
+        (batch, carried): (&mut Vec<Event>, &mut Option<(Event, i32)>),
         shared: &Shared,
     ) -> bool {
+        let stream = stream_of(&origin);
         let before = batch.len();
-        event_record(raw, origin, (self.min_ts(min_ts), max_ts), batch, shared);
+        let min_ts = self.min_ts(stream, min_ts);
+        event_record(raw, origin, (min_ts, max_ts), batch, shared);
         if batch
             .get(before)
-            .is_some_and(|e| !self.fits(e, shared.controls))
+            .is_some_and(|e| !self.fits(e, stream, shared.controls))
         {
-            *carried = batch.pop();
+            *carried = batch.pop().map(|e| (e, stream));
             return false;
         }
         true
     }
 }
 
+/// Under the event clock, while a Kafka worker reads a backlog: the newest ts of its slowest
+/// events partition that has not reached its end yet (0 before its first event). Its clock
+/// follows that instead of the newest ts read anywhere, so that a partition read later than
+/// another (librdkafka hands a worker its partitions' messages in chunks, and workers read at
+/// their own pace) is not too late by the time it is read: a watermark, like a minimum over
+/// partitions. Each partition counts until it first reaches its end; after that, the newest ts
+/// read by any worker drives the clock, as records arrive live. `None`: no partition in
+/// backlog (or a file).
+fn backlog_clock(feed: &Feed, cut: &BatchCut) -> Option<u64> {
+    let Feed::Kafka(reader) = feed else {
+        return None;
+    };
+    reader.backlog().map(|p| cut.newest(p).unwrap_or(0)).min()
+}
+
 /// Starts a batch with the event that ended the last one, if any; returns how many it took.
 fn start_batch(
     cut: &mut BatchCut,
-    carried: &mut Option<Event>,
+    carried: &mut Option<(Event, i32)>,
     batch: &mut Vec<Event>,
     controls: persona_dataflows::ControlKinds,
 ) -> usize {
     cut.start();
-    let Some(e) = carried.take() else {
+    let Some((e, stream)) = carried.take() else {
         return 0;
     };
-    cut.fits(&e, controls);
+    cut.fits(&e, stream, controls);
     batch.push(e);
     1
 }
@@ -979,7 +1047,7 @@ fn run_worker(
     let mut batch: Vec<Event> = Vec::with_capacity(batch_lines);
     let mut cut = BatchCut::new(settings, clock_mode);
     // The event that ended the last batch (see `BatchCut`): the next one's first.
-    let mut carried: Option<Event> = None;
+    let mut carried: Option<(Event, i32)> = None;
     let mut last_status = Instant::now()
         .checked_sub(STATUS_EVERY)
         .unwrap_or_else(Instant::now);
@@ -1169,9 +1237,9 @@ fn run_worker(
             }
         }
         if reading {
-            // The batch enters at a clock that has seen it: under the event clock, ids the
-            // de-duplication remembers for a horizon from their entry time are not entered at a
-            // time far behind their own ts (time 0 on a first batch). Control records do not
+            // The batch enters at a clock that has seen it (a Kafka backlog: its slowest
+            // partition's newest ts, see `backlog_clock`), so that windows and segments are
+            // evaluated at times that have seen the events, not at time 0. Control records do not
             // move it: they act by their ts whenever they arrive, and one stamped far ahead of
             // the events would otherwise age out windows (and, with a retention, make the
             // events after it too late) before the replay's final time, the last event's ts.
@@ -1192,11 +1260,12 @@ fn run_worker(
             if clock_mode == ClockMode::Event && final_time.is_none() {
                 // A replaying worker's clock follows its own lines while it reads, so the times
                 // events enter at (and the triggers they cause) depend only on the log and the
-                // number of workers, not on how fast the others read.
+                // number of workers, not on how fast the others read. A Kafka worker's follows
+                // its slowest partition while it reads a backlog (see `backlog_clock`).
                 let basis = if replay && reading {
                     worker_max_ts
                 } else {
-                    seen
+                    backlog_clock(&feed, &cut).unwrap_or(seen)
                 };
                 clock = clock.max(basis.saturating_sub(settings.allowed_lateness_ms));
                 inputs.advance_to(clock);
@@ -1228,7 +1297,8 @@ fn run_worker(
                     let basis = if replay && !input_done {
                         worker_max_ts
                     } else {
-                        shared.max_ts.load(Ordering::Acquire)
+                        backlog_clock(&feed, &cut)
+                            .unwrap_or_else(|| shared.max_ts.load(Ordering::Acquire))
                     };
                     clock = clock.max(basis.saturating_sub(settings.allowed_lateness_ms));
                 }

@@ -171,18 +171,38 @@ const DAY: u64 = 86_400_000;
 /// is too late.
 #[test]
 fn a_first_batch_spanning_more_than_the_retention_matches_replay() {
+    // One partition: the order the engine reads is the file's.
+    backlog_over_the_retention_matches_replay(1, 1);
+}
+
+/// One worker reads two partitions of a 20-day backlog: librdkafka hands it one partition's
+/// messages, then the other's, weeks apart in event time. The engine clock follows the
+/// partition furthest behind until each has reached its end, so the second partition's
+/// messages are not too late because the first one's were read before them.
+#[test]
+fn partitions_read_weeks_apart_under_a_retention_match_replay() {
+    backlog_over_the_retention_matches_replay(2, 1);
+}
+
+/// Two workers, two partitions each: the within-worker case above and the workers' reading
+/// paces, which differ over a backlog.
+#[test]
+fn workers_reading_a_backlog_at_different_paces_under_a_retention_match_replay() {
+    backlog_over_the_retention_matches_replay(4, 2);
+}
+
+fn backlog_over_the_retention_matches_replay(partitions: i32, workers: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (events, catalog) = make_log_spanning(dir.path(), "20d", 1_700_604_800_000 - 20 * DAY);
     let retention = "retention = \"8d\"\n";
     let (max_ts, expected, replay_dead) = replay_config(dir.path(), &events, &catalog, retention);
     let broker = Broker::memory();
-    // One partition: the order the engine reads is the file's.
-    broker.create_topic(EVENTS, 1);
+    broker.create_topic(EVENTS, partitions);
     broker.create_topic(CATALOG, 1);
     broker.create_topic(DEAD, 1);
     produce(&broker.addr, CATALOG, &catalog);
     produce(&broker.addr, EVENTS, &events);
-    let engine = start_engine(dir.path(), &broker.addr, 1, retention);
+    let engine = start_engine(dir.path(), &broker.addr, workers, retention);
     engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
     let total = (lines(&events).len() + lines(&catalog).len()) as i64;
     finish_and_compare(dir.path(), &engine, &broker.addr, total, max_ts, &expected);

@@ -1,7 +1,8 @@
 //! De-duplicates events by `event_id`, keyed by the event id hash.
 //!
-//! An event id is remembered for `horizon` of engine-clock time after it was first accepted;
-//! within that horizon a redelivery changes nothing. The output is an all-time collection:
+//! An event id is remembered for `horizon` of engine-clock time after it was first accepted,
+//! or after its `ts` if that is later (a Kafka backlog enters events at its slowest
+//! partition's clock, behind their own ts); within that horizon a redelivery changes nothing. The output is an all-time collection:
 //! forgetting an id never retracts its event.
 //!
 //! # Notes
@@ -18,7 +19,8 @@
 use crate::event::{Event, PendingByTime, Time};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -48,6 +50,7 @@ pub fn dedup<'s>(
             let mut pending: PendingByTime<Event> = BTreeMap::new();
             let mut seen: HashMap<u64, Entry> = HashMap::default();
             let mut expiry: VecDeque<(Time, u64)> = VecDeque::new();
+            let mut later: BinaryHeap<Reverse<(Time, u64)>> = BinaryHeap::new();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     for (event, time, diff) in data.drain(..) {
@@ -90,15 +93,108 @@ pub fn dedup<'s>(
                         }
                     }
                 }
-                // Forget ids whose horizon has passed.
+                // Forget ids whose horizon has passed. An id accepted at a time before its ts
+                // (a Kafka backlog's clock follows its slowest partition) is kept until its
+                // ts's horizon has passed too: such ids wait in `later`.
                 while let Some(&(expires, id)) = expiry.front() {
                     if frontier.less_equal(&expires) {
                         break;
                     }
                     expiry.pop_front();
+                    match seen.get(&id).map(|e| e.kept.ts.saturating_add(horizon)) {
+                        Some(by_ts) if frontier.less_equal(&by_ts) => {
+                            later.push(Reverse((by_ts, id)))
+                        }
+                        _ => {
+                            seen.remove(&id);
+                        }
+                    }
+                }
+                while let Some(&Reverse((expires, id))) = later.peek() {
+                    if frontier.less_equal(&expires) {
+                        break;
+                    }
+                    later.pop();
                     seen.remove(&id);
                 }
             }
         })
         .as_collection()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use differential_dataflow::input::InputSession;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use timely::dataflow::operators::Inspect;
+
+    struct Quiet;
+    impl DedupObserver for Quiet {
+        fn accepted(&self) {}
+        fn duplicate(&self, _conflicting: bool) {}
+    }
+
+    fn ev(id: u64, ts: u64) -> Event {
+        Event {
+            ts,
+            user: 1,
+            id,
+            kind: 1,
+            item: 0,
+            value_bits: 0,
+            device: None,
+        }
+    }
+
+    /// `(id, ts)` entered at each engine time; returns the `(id, time)` of every accepted copy.
+    fn accepted(horizon: u64, arrivals: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
+        let arrivals = arrivals.to_vec();
+        timely::execute_directly(move |worker| {
+            let out = Rc::new(RefCell::new(Vec::new()));
+            let mut input = InputSession::<Time, Event, isize>::new();
+            worker.dataflow(|scope| {
+                let sink = out.clone();
+                dedup(input.to_collection(scope), horizon, Arc::new(Quiet))
+                    .inner
+                    .inspect(move |(e, t, d)| {
+                        if *d > 0 {
+                            sink.borrow_mut().push((e.id, *t))
+                        }
+                    });
+            });
+            for &(time, id, ts) in &arrivals {
+                input.advance_to(time);
+                input.insert(ev(id, ts));
+                input.flush();
+                worker.step();
+            }
+            input.close();
+            while worker.step() {}
+            let mut v = out.borrow().clone();
+            v.sort_by_key(|&(id, t)| (t, id));
+            v
+        })
+    }
+
+    /// An id is remembered for the horizon after the later of its entry time and its ts: a
+    /// Kafka backlog enters events at its slowest partition's clock, far behind their ts.
+    #[test]
+    fn an_id_is_remembered_for_the_horizon_after_its_entry_or_its_ts() {
+        let arrivals = [
+            (0, 1, 100),   // entered 90 before its ts: remembered until 110
+            (0, 2, 5),     // remembered until 15
+            (12, 2, 5),    // a copy within: dropped
+            (50, 1, 100),  // within 100 + 10, though 50 after entry: dropped
+            (20, 2, 5),    // after 15: counts again
+            (120, 1, 100), // after 110: counts again
+        ];
+        let mut arrivals = arrivals.to_vec();
+        arrivals.sort_by_key(|a| a.0);
+        assert_eq!(
+            accepted(10, &arrivals),
+            vec![(1, 0), (2, 0), (2, 20), (1, 120)]
+        );
+    }
 }

@@ -472,6 +472,18 @@ impl Reader {
         })
     }
 
+    /// The events partitions this worker reads that have not reached the end of their backlog
+    /// yet. While there are any, the engine clock follows the slowest of them (see
+    /// `BatchCut` in the engine).
+    pub fn backlog(&self) -> impl Iterator<Item = i32> + '_ {
+        self.readers
+            .iter()
+            .flatten()
+            .filter(|r| r.stream == Stream::Events)
+            .flat_map(|r| r.owned.iter().filter(|o| !o.caught_up))
+            .map(|o| o.partition)
+    }
+
     /// The status of every partition this worker reads.
     pub fn status(&self) -> Vec<PartitionStatus> {
         let mut out = Vec::new();
