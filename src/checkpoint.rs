@@ -70,7 +70,9 @@ pub struct CatalogEntry {
 pub struct Checkpoint {
     /// Wall clock when it was taken, epoch ms.
     pub taken_at_ms: u64,
-    /// The engine clock of the workers when they copied their state.
+    /// The earliest engine clock of the workers when they copied their state. What the gate
+    /// had applied is at or before it; a restore resumes every worker there, so that a worker
+    /// still behind in its Kafka backlog is not made too late by a faster one's clock.
     pub clock: u64,
     /// The largest valid `ts` parsed.
     pub max_ts: u64,
@@ -556,8 +558,13 @@ impl Coordinator {
             };
             turn.copied = open;
             let mut round = self.round();
+            let first = round.copied == 0;
             let c = &mut round.checkpoint;
-            c.clock = c.clock.max(part.clock);
+            c.clock = if first {
+                part.clock
+            } else {
+                c.clock.min(part.clock)
+            };
             c.max_ts = c.max_ts.max(part.max_ts);
             c.records.extend(part.records);
             c.sealed.extend(part.sealed);

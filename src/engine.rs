@@ -43,6 +43,8 @@ const REPLAY_BATCH_LINES: usize = 65536;
 const LIVE_BATCH_LINES: usize = 4096;
 /// How often a worker publishes its Kafka partitions' status.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
+/// How long `run` steps for one batch before it turns to queries (see step 3).
+const BACKPRESSURE_SLICE: Duration = Duration::from_millis(5);
 
 /// What the engine runs.
 #[derive(Clone, Debug)]
@@ -497,17 +499,16 @@ fn event_record(
 }
 
 /// Batches under a retention and the event clock, judged as if the clock moved record by
-/// record, so that the result does not depend on where batches end. The clock is judged per
-/// *stream*: a file's lines, or one Kafka partition's messages, in the order they are read.
-/// (A worker's clock follows its slowest partition while it reads a backlog, see
-/// `Reader::backlog`, so partitions that librdkafka hands over weeks apart in event time do
-/// not make each other too late.) A line is too late if that of any line before it in its
-/// stream has passed it, and a batch ends before a line that would make an older line of its
-/// stream in the same batch too late (that line starts the next batch): the batch enters at a
-/// clock no further than its streams' newest ts.
+/// record, so that the result does not depend on where batches end. Each *stream* is judged on
+/// its own: a file's lines, or one Kafka partition's messages, in the order they are read (see
+/// `backlog_clock`). A line is too late if the seal point of an earlier line of its stream has
+/// passed it, and a batch ends before a line that would make an older line of its stream in
+/// the same batch too late (that line starts the next batch). The batch enters at a clock
+/// below the seal point of none of its lines (`entry_limit`).
 struct BatchCut {
     /// The retention plus the allowed lateness (`None`: batches end at their size only).
     span: Option<u64>,
+    retention: Option<u64>,
     /// One entry per stream read so far (a few: the partitions a worker reads).
     streams: Vec<StreamClock>,
 }
@@ -523,13 +524,25 @@ struct StreamClock {
 
 impl BatchCut {
     fn new(settings: &Settings, clock_mode: ClockMode) -> Self {
-        let span = match (settings.retention_ms, clock_mode) {
-            (Some(r), ClockMode::Event) => Some(r.saturating_add(settings.allowed_lateness_ms)),
-            _ => None,
-        };
+        let retention = settings
+            .retention_ms
+            .filter(|_| clock_mode == ClockMode::Event);
         BatchCut {
-            span,
+            span: retention.map(|r| r.saturating_add(settings.allowed_lateness_ms)),
+            retention,
             streams: Vec::new(),
+        }
+    }
+
+    /// The latest time the batch can enter at without its oldest record being too late at the
+    /// gate. The clock it would enter at can be later than its streams allow: a partition that
+    /// reached its end in this batch no longer holds the clock back, another worker's events
+    /// move it. Never below the clock before the batch (its records were judged against that).
+    fn entry_limit(&self) -> Time {
+        let oldest = self.streams.iter().map(|s| s.batch_oldest).min();
+        match (self.retention, oldest) {
+            (Some(r), Some(o)) if o != u64::MAX => o.saturating_add(r.saturating_sub(1)),
+            _ => Time::MAX,
         }
     }
 
@@ -577,7 +590,8 @@ impl BatchCut {
         }
     }
 
-    /// Whether `event` joins the batch; if not, it starts the next one.
+    /// Whether `event` joins the batch (then it counts in its stream's ts); if not, it starts
+    /// the next one.
     fn fits(
         &mut self,
         event: &Event,
@@ -639,18 +653,19 @@ impl BatchCut {
     }
 }
 
-/// Under the event clock, while a Kafka worker reads a backlog: the newest ts of its slowest
-/// events partition that has not reached its end yet (0 before its first event). Its clock
-/// follows that instead of the newest ts read anywhere, so that a partition read later than
-/// another (librdkafka hands a worker its partitions' messages in chunks, and workers read at
-/// their own pace) is not too late by the time it is read: a watermark, like a minimum over
-/// partitions. Each partition counts until it first reaches its end; after that, the newest ts
-/// read by any worker drives the clock, as records arrive live. `None`: no partition in
-/// backlog (or a file).
+/// The event clock's basis while a Kafka worker reads a backlog: the newest ts of its slowest
+/// events partition still in it (`Reader::backlog`; 0 before its first event, and while the
+/// worker connects), a watermark. librdkafka hands a worker its partitions' messages in
+/// chunks and workers read at their own pace, so the newest ts read anywhere would make a
+/// lagging partition too late. `None` (no partition in backlog, or a file): that ts drives it.
 fn backlog_clock(feed: &Feed, cut: &BatchCut) -> Option<u64> {
     let Feed::Kafka(reader) = feed else {
         return None;
     };
+    if reader.connecting() {
+        // Nothing read yet: a cluster's other processes may be far into their backlogs.
+        return Some(0);
+    }
     reader.backlog().map(|p| cut.newest(p).unwrap_or(0)).min()
 }
 
@@ -1057,6 +1072,8 @@ fn run_worker(
     // Replay: the final state, waiting for the cluster to agree on its time.
     let mut final_state: Option<Vec<(u64, ProfileState)>> = None;
     let mut worker_max_ts = 0u64;
+    // The clock before the last batch read, while that batch is not fully processed.
+    let mut in_flight: Option<Time> = None;
 
     // Replay reads the whole catalog before the events (it applies retroactively either way).
     if replay {
@@ -1096,10 +1113,15 @@ fn run_worker(
                 continue;
             }
         }
-        // 1. Read a bounded batch of this worker's records.
+        // 1. Read a bounded batch of this worker's records, once the last one has been processed
+        // (see step 3).
         let mut read = 0usize;
         let reading = !input_done;
-        if reading {
+        let held_back = in_flight.is_some_and(|t| probe.less_than(&t));
+        if !held_back {
+            in_flight = None;
+        }
+        if reading && !held_back {
             let max_ts = match clock_mode {
                 ClockMode::Live => Some(wall_ms().saturating_add(settings.max_future_skew_ms)),
                 ClockMode::Event => None,
@@ -1267,7 +1289,8 @@ fn run_worker(
                 } else {
                     backlog_clock(&feed, &cut).unwrap_or(seen)
                 };
-                clock = clock.max(basis.saturating_sub(settings.allowed_lateness_ms));
+                let entry = basis.saturating_sub(settings.allowed_lateness_ms);
+                clock = clock.max(entry.min(cut.entry_limit()));
                 inputs.advance_to(clock);
             }
             if let Some(n) = inputs.names.as_mut() {
@@ -1319,12 +1342,21 @@ fn run_worker(
         // 3. Step: busy while there is input, else park until the next tick or a wake-up.
         if read > 0 {
             worker.step();
-            // Backpressure: keep at most about one epoch of input in flight.
-            while probe.less_than(&previous) && !shared.stopping() {
+            // Backpressure: keep at most about one epoch of input in flight. A replay waits
+            // here. `run` waits for a slice at most, then answers queries and reads nothing
+            // until the epoch is complete: under the event clock another worker's slow
+            // partition can hold it for long.
+            let waiting = Instant::now();
+            while probe.less_than(&previous)
+                && !shared.stopping()
+                && (replay || waiting.elapsed() < BACKPRESSURE_SLICE)
+            {
                 worker.step();
             }
+            in_flight = Some(previous);
         } else {
             let park = match clock_mode {
+                _ if held_back => Duration::from_millis(1),
                 ClockMode::Live => {
                     Duration::from_millis(settings.tick_ms - wall_ms() % settings.tick_ms)
                 }

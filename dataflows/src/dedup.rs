@@ -2,8 +2,8 @@
 //!
 //! An event id is remembered for `horizon` of engine-clock time after it was first accepted,
 //! or after its `ts` if that is later (a Kafka backlog enters events at its slowest
-//! partition's clock, behind their own ts); within that horizon a redelivery changes nothing. The output is an all-time collection:
-//! forgetting an id never retracts its event.
+//! partition's clock, behind their ts); within that horizon a redelivery changes nothing.
+//! The output is an all-time collection: forgetting an id never retracts its event.
 //!
 //! # Notes
 //! * Tie rule for conflicting duplicates (same id, different content): the smallest
@@ -14,7 +14,8 @@
 //! * A duplicate arriving more than `horizon` after the first copy is counted again: the
 //!   horizon is what bounds this operator's memory.
 //!
-//! Cost: O(1) hash-map work per event; memory: one entry per id accepted within `horizon`.
+//! Cost: O(1) hash-map work per event (O(log n) more for an id entered before its ts); memory:
+//! one entry per id within its horizon.
 
 use crate::event::{Event, PendingByTime, Time};
 use differential_dataflow::{AsCollection, VecCollection};
@@ -49,8 +50,7 @@ pub fn dedup<'s>(
         .unary_frontier(pact, "Dedup", move |_cap, _info| {
             let mut pending: PendingByTime<Event> = BTreeMap::new();
             let mut seen: HashMap<u64, Entry> = HashMap::default();
-            let mut expiry: VecDeque<(Time, u64)> = VecDeque::new();
-            let mut later: BinaryHeap<Reverse<(Time, u64)>> = BinaryHeap::new();
+            let mut expiry = Expiry::default();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     for (event, time, diff) in data.drain(..) {
@@ -71,13 +71,18 @@ pub fn dedup<'s>(
                         break;
                     }
                     let (time, (cap, mut batch)) = entry.remove_entry();
+                    // A copy at `time` counts again if its id's horizon ended at or before it,
+                    // however the times were batched.
+                    expiry.forget(&mut seen, horizon, |expires| expires <= time);
                     batch.sort_unstable();
                     let mut session = output.session(&cap);
                     for event in batch {
                         match seen.get_mut(&event.id) {
                             None => {
                                 seen.insert(event.id, Entry { kept: event });
-                                expiry.push_back((time.saturating_add(horizon), event.id));
+                                expiry
+                                    .fifo
+                                    .push_back((time.saturating_add(horizon), event.id));
                                 stats.accepted();
                                 session.give((event, time, 1isize));
                             }
@@ -93,33 +98,52 @@ pub fn dedup<'s>(
                         }
                     }
                 }
-                // Forget ids whose horizon has passed. An id accepted at a time before its ts
-                // (a Kafka backlog's clock follows its slowest partition) is kept until its
-                // ts's horizon has passed too: such ids wait in `later`.
-                while let Some(&(expires, id)) = expiry.front() {
-                    if frontier.less_equal(&expires) {
-                        break;
-                    }
-                    expiry.pop_front();
-                    match seen.get(&id).map(|e| e.kept.ts.saturating_add(horizon)) {
-                        Some(by_ts) if frontier.less_equal(&by_ts) => {
-                            later.push(Reverse((by_ts, id)))
-                        }
-                        _ => {
-                            seen.remove(&id);
-                        }
-                    }
-                }
-                while let Some(&Reverse((expires, id))) = later.peek() {
-                    if frontier.less_equal(&expires) {
-                        break;
-                    }
-                    later.pop();
-                    seen.remove(&id);
-                }
+                // Forget the ids no time still to come remembers.
+                expiry.forget(&mut seen, horizon, |expires| {
+                    !frontier.frontier().iter().any(|f| *f < expires)
+                });
             }
         })
         .as_collection()
+}
+
+/// When ids are forgotten: at their entry time plus the horizon, in entry order; an id whose
+/// `ts` is later than its entry time (a Kafka backlog's clock follows its slowest partition)
+/// then waits in `later` until its ts plus the horizon.
+#[derive(Default)]
+struct Expiry {
+    fifo: VecDeque<(Time, u64)>,
+    later: BinaryHeap<Reverse<(Time, u64)>>,
+}
+
+impl Expiry {
+    /// Forgets the ids whose horizon has `ended`.
+    fn forget(
+        &mut self,
+        seen: &mut HashMap<u64, Entry>,
+        horizon: u64,
+        ended: impl Fn(Time) -> bool,
+    ) {
+        while let Some(&(expires, id)) = self.fifo.front() {
+            if !ended(expires) {
+                break;
+            }
+            self.fifo.pop_front();
+            match seen.get(&id).map(|e| e.kept.ts.saturating_add(horizon)) {
+                Some(by_ts) if !ended(by_ts) => self.later.push(Reverse((by_ts, id))),
+                _ => {
+                    seen.remove(&id);
+                }
+            }
+        }
+        while let Some(&Reverse((expires, id))) = self.later.peek() {
+            if !ended(expires) {
+                break;
+            }
+            self.later.pop();
+            seen.remove(&id);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,7 +173,9 @@ mod tests {
     }
 
     /// `(id, ts)` entered at each engine time; returns the `(id, time)` of every accepted copy.
-    fn accepted(horizon: u64, arrivals: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
+    /// `step_each`: the worker steps after every arrival, else only at the end (the frontier
+    /// then passes every time at once).
+    fn accepted(horizon: u64, arrivals: &[(u64, u64, u64)], step_each: bool) -> Vec<(u64, u64)> {
         let arrivals = arrivals.to_vec();
         timely::execute_directly(move |worker| {
             let out = Rc::new(RefCell::new(Vec::new()));
@@ -167,8 +193,10 @@ mod tests {
             for &(time, id, ts) in &arrivals {
                 input.advance_to(time);
                 input.insert(ev(id, ts));
-                input.flush();
-                worker.step();
+                if step_each {
+                    input.flush();
+                    worker.step();
+                }
             }
             input.close();
             while worker.step() {}
@@ -192,9 +220,12 @@ mod tests {
         ];
         let mut arrivals = arrivals.to_vec();
         arrivals.sort_by_key(|a| a.0);
-        assert_eq!(
-            accepted(10, &arrivals),
-            vec![(1, 0), (2, 0), (2, 20), (1, 120)]
-        );
+        for step_each in [true, false] {
+            assert_eq!(
+                accepted(10, &arrivals, step_each),
+                vec![(1, 0), (2, 0), (2, 20), (1, 120)],
+                "step_each: {step_each}"
+            );
+        }
     }
 }

@@ -173,7 +173,13 @@ struct Owned {
     next: Option<i64>,
     /// Reached the end of what the partition held at some point since start.
     caught_up: bool,
+    /// When it last handed over a message (or the consumer was created).
+    last_message: Instant,
 }
+
+/// A partition in its backlog that hands over nothing for this long (a partition without a
+/// leader, say) stops holding the engine clock back (see [`Reader::backlog`]) until it does.
+const PARTITION_IDLE: Duration = Duration::from_secs(30);
 
 /// One topic's consumer of a worker. (One consumer per topic: librdkafka's end-of-partition
 /// events name only the partition.)
@@ -205,6 +211,7 @@ pub struct Reader {
     /// partition, next offset): it moves when that batch is read, so that a checkpoint taken
     /// in between does not count the record as applied.
     deferred: Option<(usize, usize, i64)>,
+    created: Instant,
 }
 
 /// What one [`Reader::read`] did.
@@ -240,6 +247,7 @@ impl Reader {
             reflected: None,
             last_error_log: None,
             deferred: None,
+            created: Instant::now(),
         }
     }
 
@@ -259,6 +267,7 @@ impl Reader {
                     partition,
                     next: self.resume.get(&(topic.clone(), partition)).copied(),
                     caught_up: false,
+                    last_message: Instant::now(),
                 })
                 .collect();
             if owned.is_empty() {
@@ -315,6 +324,12 @@ impl Reader {
     /// The consumers exist (the topics' layout is known).
     pub fn connected(&self) -> bool {
         self.readers.is_some()
+    }
+
+    /// Not connected yet, for less than [`PARTITION_IDLE`]: the partitions it will read hold
+    /// the clock back as if they had not handed over anything yet.
+    pub fn connecting(&self) -> bool {
+        !self.connected() && self.created.elapsed() < PARTITION_IDLE
     }
 
     /// The positions the state reflects (at the latest complete time), for a checkpoint.
@@ -389,6 +404,7 @@ impl Reader {
                         records += 1;
                         if let Some(oi) = owned {
                             r.owned[oi].next = Some(offset + 1);
+                            r.owned[oi].last_message = Instant::now();
                             self.changed = true;
                         }
                     }
@@ -473,14 +489,15 @@ impl Reader {
     }
 
     /// The events partitions this worker reads that have not reached the end of their backlog
-    /// yet. While there are any, the engine clock follows the slowest of them (see
-    /// `BatchCut` in the engine).
+    /// yet, and have handed over a message within [`PARTITION_IDLE`]. While there are any,
+    /// the engine clock follows the slowest of them (`backlog_clock` in the engine).
     pub fn backlog(&self) -> impl Iterator<Item = i32> + '_ {
         self.readers
             .iter()
             .flatten()
             .filter(|r| r.stream == Stream::Events)
-            .flat_map(|r| r.owned.iter().filter(|o| !o.caught_up))
+            .flat_map(|r| r.owned.iter())
+            .filter(|o| !o.caught_up && o.last_message.elapsed() < PARTITION_IDLE)
             .map(|o| o.partition)
     }
 
