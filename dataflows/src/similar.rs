@@ -10,9 +10,9 @@
 //!
 //! Cost: a change to one user's recent set is K pair updates (a self-join on the user, whose
 //! set holds at most K items). Re-ranking an item's neighbours reads all its co-occurring
-//! items, which grows with its popularity, so pair and item counts move only on refresh ticks
-//! ([`crate::windows::refreshed`]): each item is re-ranked at most once per refresh, whatever
-//! the event rate, and pair updates that cancel within a refresh cost nothing downstream.
+//! items, which grows with its popularity, so the sets' changes reach the join only on refresh
+//! ticks ([`crate::windows::refreshed`]): each item is re-ranked at most once per refresh,
+//! whatever the event rate, and set changes that cancel within a refresh cost nothing.
 //! Memory: one record per co-occurring pair.
 
 use crate::event::{largest, NameOrder, Time, UserKey};
@@ -81,10 +81,16 @@ pub fn similar_items<'s>(
     refresh: Option<&Ticks<'s>>,
     config: &SimilarConfig,
 ) -> VecCollection<'s, Time, (u64, Neighbour)> {
-    let user_items = affinity.flat_map(|(user, a)| match a {
-        Affinity::Recent { item, .. } => Some((user, item)),
-        Affinity::Purchased(_) => None,
-    });
+    // Held until a refresh tick before the self-join (which is bilinear, so its result at a
+    // tick is the same): the join then works once per tick on each user's net change, and a
+    // set that churns in between (a replay's whole log) costs no pair updates at all.
+    let user_items = refreshed(
+        affinity.flat_map(|(user, a)| match a {
+            Affinity::Recent { item, .. } => Some((user, item)),
+            Affinity::Purchased(_) => None,
+        }),
+        refresh,
+    );
     let by_user = user_items
         .clone()
         .arrange_by_key_named("Arrange: recent items");
@@ -93,8 +99,7 @@ pub fn similar_items<'s>(
         .join_core(by_user, |_user, i: &u64, j: &u64| {
             (i != j).then_some((*j, *i))
         });
-    let pairs = refreshed(pairs, refresh);
-    let counts = refreshed(user_items.map(|(_, item)| item), refresh).count();
+    let counts = user_items.map(|(_, item)| item).count();
     // (j, i) × (j, c(j)) → (i, Co(j, c(j))) with multiplicity c(i, j).
     let co = pairs.join_map(counts.clone(), |j, i, cj| (*i, Counted::Co(*j, *cj as u64)));
     let own = counts.map(|(i, c)| (i, Counted::Own(c as u64)));
