@@ -663,7 +663,7 @@ mod tests {
     }
 
     /// A worker that cannot copy yet (its basics lag its gate) is asked again at its next
-    /// poll, and the round waits for it.
+    /// poll, and the round waits for it. The checkpoint holds the earliest worker clock.
     #[test]
     fn a_copy_that_is_not_ready_is_taken_at_a_later_poll() {
         let dir = tempfile::tempdir().unwrap();
@@ -678,12 +678,16 @@ mod tests {
         assert!(!c.copy_due(t1));
         c.poll(0, t0, || positions[0].clone(), || None);
         assert!(c.copy_due(t0));
-        c.poll(0, t0, || positions[0].clone(), part);
+        // Worker 0's clock is ahead of worker 1's (say, worker 1 is behind in its backlog).
+        let ahead = || part().map(|p| Part { clock: 9, ..p });
+        c.poll(0, t0, || positions[0].clone(), ahead);
         assert!(!c.copy_due(t0));
         assert!(c.wait_written(Duration::from_secs(10)));
         let (_, written) = c.store.load().unwrap().unwrap();
         assert_eq!(written.records.len(), 2);
         assert_eq!(written.sealed.len(), 2);
+        // A restore resumes every worker at the earliest clock, which the slower one had.
+        assert_eq!(written.clock, 1);
     }
 
     /// Two workers polling `c` until a round ends; each notes `positions[w]`. Returns how many
