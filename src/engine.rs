@@ -1249,7 +1249,7 @@ fn run_worker(
         if let Some(every) = refresh_every.filter(|every| clock / every > last_refresh / every) {
             let backlog = match &feed {
                 Feed::Kafka(reader) => reader.in_backlog(2 * batch_lines as i64),
-                Feed::File { .. } => read >= batch_lines,
+                Feed::File { .. } => held_back || read >= batch_lines,
             };
             if !backlog || last_refresh_at.elapsed() >= Duration::from_millis(every) {
                 last_refresh = clock;
@@ -1258,7 +1258,7 @@ fn run_worker(
                 inputs.tick();
             }
         }
-        if reading {
+        if reading && !held_back {
             // The batch enters at a clock that has seen it (a Kafka backlog: its slowest
             // partition's newest ts, see `backlog_clock`), so that windows and segments are
             // evaluated at times that have seen the events, not at time 0. Control records do not

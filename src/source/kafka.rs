@@ -173,13 +173,16 @@ struct Owned {
     next: Option<i64>,
     /// Reached the end of what the partition held at some point since start.
     caught_up: bool,
-    /// When it last handed over a message (or the consumer was created).
-    last_message: Instant,
+    /// How long the worker has been reading without this partition handing over a message.
+    idle: Duration,
 }
 
 /// A partition in its backlog that hands over nothing for this long (a partition without a
 /// leader, say) stops holding the engine clock back (see [`Reader::backlog`]) until it does.
 const PARTITION_IDLE: Duration = Duration::from_secs(30);
+/// The most one gap between two reads adds to a partition's idle time: a worker held back by
+/// another (see the engine's backpressure) is not reading, so its partitions are not idle.
+const IDLE_STEP: Duration = Duration::from_secs(1);
 
 /// One topic's consumer of a worker. (One consumer per topic: librdkafka's end-of-partition
 /// events name only the partition.)
@@ -212,6 +215,7 @@ pub struct Reader {
     /// in between does not count the record as applied.
     deferred: Option<(usize, usize, i64)>,
     created: Instant,
+    last_read: Option<Instant>,
 }
 
 /// What one [`Reader::read`] did.
@@ -248,6 +252,7 @@ impl Reader {
             last_error_log: None,
             deferred: None,
             created: Instant::now(),
+            last_read: None,
         }
     }
 
@@ -267,7 +272,7 @@ impl Reader {
                     partition,
                     next: self.resume.get(&(topic.clone(), partition)).copied(),
                     caught_up: false,
-                    last_message: Instant::now(),
+                    idle: Duration::ZERO,
                 })
                 .collect();
             if owned.is_empty() {
@@ -370,7 +375,15 @@ impl Reader {
                 caught_up: false,
             });
         }
+        let now = Instant::now();
+        let gap = self
+            .last_read
+            .map_or(Duration::ZERO, |t| now.duration_since(t).min(IDLE_STEP));
+        self.last_read = Some(now);
         let readers = self.readers.as_deref_mut().unwrap_or_default();
+        for o in readers.iter_mut().flat_map(|r| r.owned.iter_mut()) {
+            o.idle += gap;
+        }
         if let Some((ri, oi, next)) = self.deferred.take() {
             if let Some(o) = readers.get_mut(ri).and_then(|r| r.owned.get_mut(oi)) {
                 o.next = Some(next);
@@ -404,7 +417,7 @@ impl Reader {
                         records += 1;
                         if let Some(oi) = owned {
                             r.owned[oi].next = Some(offset + 1);
-                            r.owned[oi].last_message = Instant::now();
+                            r.owned[oi].idle = Duration::ZERO;
                             self.changed = true;
                         }
                     }
@@ -489,7 +502,7 @@ impl Reader {
     }
 
     /// The events partitions this worker reads that have not reached the end of their backlog
-    /// yet, and have handed over a message within [`PARTITION_IDLE`]. While there are any,
+    /// yet, and have handed over a message within [`PARTITION_IDLE`] of reading. While there are any,
     /// the engine clock follows the slowest of them (`backlog_clock` in the engine).
     pub fn backlog(&self) -> impl Iterator<Item = i32> + '_ {
         self.readers
@@ -497,7 +510,7 @@ impl Reader {
             .flatten()
             .filter(|r| r.stream == Stream::Events)
             .flat_map(|r| r.owned.iter())
-            .filter(|o| !o.caught_up && o.last_message.elapsed() < PARTITION_IDLE)
+            .filter(|o| !o.caught_up && o.idle < PARTITION_IDLE)
             .map(|o| o.partition)
     }
 
