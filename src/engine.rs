@@ -513,13 +513,12 @@ struct BatchCut {
     streams: Vec<StreamClock>,
 }
 
-/// One stream's newest ts, and the oldest and newest ts of its events in the current batch
-/// (control records aside: they do not move the clock).
+/// One stream's newest event ts (control records aside: they do not move the clock), and the
+/// oldest ts of its records in the current batch.
 struct StreamClock {
     stream: i32,
     newest: Option<u64>,
     batch_oldest: u64,
-    batch_newest: u64,
 }
 
 impl BatchCut {
@@ -549,7 +548,6 @@ impl BatchCut {
     fn start(&mut self) {
         for s in &mut self.streams {
             s.batch_oldest = u64::MAX;
-            s.batch_newest = 0;
         }
     }
 
@@ -569,7 +567,6 @@ impl BatchCut {
                     stream,
                     newest: None,
                     batch_oldest: u64::MAX,
-                    batch_newest: 0,
                 });
                 self.streams.len() - 1
             }
@@ -609,7 +606,6 @@ impl BatchCut {
             if seal.is_some_and(|seal| clock.batch_oldest <= seal) {
                 return false;
             }
-            clock.batch_newest = clock.batch_newest.max(event.ts);
             clock.newest = clock.newest.max(Some(event.ts));
         }
         // A grant of consent moves no clock, but a newer event can make it too late.
