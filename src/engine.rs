@@ -501,7 +501,7 @@ fn event_record(
 /// Batches under a retention and the event clock, judged as if the clock moved record by
 /// record, so that the result does not depend on where batches end. Each *stream* is judged on
 /// its own: a file's lines, or one Kafka partition's messages, in the order they are read (see
-/// `backlog_clock`). A line is too late if the seal point of an earlier line of its stream has
+/// `clock_basis`). A line is too late if the seal point of an earlier line of its stream has
 /// passed it, and a batch ends before a line that would make an older line of its stream in
 /// the same batch too late (that line starts the next batch). The batch enters at a clock
 /// below the seal point of none of its lines (`entry_limit`).
@@ -649,20 +649,21 @@ impl BatchCut {
     }
 }
 
-/// The event clock's basis while a Kafka worker reads a backlog: the newest ts of its slowest
+/// The ts the event clock follows (less the allowed lateness). A replaying worker's `own`
+/// newest while it reads. A Kafka worker reading a backlog: the newest ts of its slowest
 /// events partition still in it (`Reader::backlog`; 0 before its first event, and while the
-/// worker connects), a watermark. librdkafka hands a worker its partitions' messages in
+/// worker connects), a watermark: librdkafka hands a worker its partitions' messages in
 /// chunks and workers read at their own pace, so the newest ts read anywhere would make a
-/// lagging partition too late. `None` (no partition in backlog, or a file): that ts drives it.
-fn backlog_clock(feed: &Feed, cut: &BatchCut) -> Option<u64> {
-    let Feed::Kafka(reader) = feed else {
-        return None;
-    };
-    if reader.connecting() {
+/// lagging partition too late. Otherwise that ts, by any worker (`global`).
+fn clock_basis(own: Option<u64>, feed: &Feed, cut: &BatchCut, global: impl FnOnce() -> u64) -> u64 {
+    let basis = match feed {
+        _ if own.is_some() => own,
         // Nothing read yet: a cluster's other processes may be far into their backlogs.
-        return Some(0);
-    }
-    reader.backlog().map(|p| cut.newest(p).unwrap_or(0)).min()
+        Feed::Kafka(reader) if reader.connecting() => Some(0),
+        Feed::Kafka(reader) => reader.backlog().map(|p| cut.newest(p).unwrap_or(0)).min(),
+        Feed::File { .. } => None,
+    };
+    basis.unwrap_or_else(global)
 }
 
 /// Starts a batch with the event that ended the last one, if any; returns how many it took.
@@ -1256,7 +1257,7 @@ fn run_worker(
         }
         if reading && !held_back {
             // The batch enters at a clock that has seen it (a Kafka backlog: its slowest
-            // partition's newest ts, see `backlog_clock`), so that windows and segments are
+            // partition's newest ts, see `clock_basis`), so that windows and segments are
             // evaluated at times that have seen the events, not at time 0. Control records do not
             // move it: they act by their ts whenever they arrive, and one stamped far ahead of
             // the events would otherwise age out windows (and, with a retention, make the
@@ -1279,12 +1280,9 @@ fn run_worker(
                 // A replaying worker's clock follows its own lines while it reads, so the times
                 // events enter at (and the triggers they cause) depend only on the log and the
                 // number of workers, not on how fast the others read. A Kafka worker's follows
-                // its slowest partition while it reads a backlog (see `backlog_clock`).
-                let basis = if replay && reading {
-                    worker_max_ts
-                } else {
-                    backlog_clock(&feed, &cut).unwrap_or(seen)
-                };
+                // its slowest partition while it reads a backlog (see `clock_basis`).
+                let own = (replay && reading).then_some(worker_max_ts);
+                let basis = clock_basis(own, &feed, &cut, || seen);
                 let entry = basis.saturating_sub(settings.allowed_lateness_ms);
                 clock = clock.max(entry.min(cut.entry_limit()));
                 inputs.advance_to(clock);
@@ -1313,12 +1311,9 @@ fn run_worker(
             ClockMode::Live => clock = clock.max(wall_ms() / settings.tick_ms * settings.tick_ms),
             ClockMode::Event => {
                 if final_time.is_none() {
-                    let basis = if replay && !input_done {
-                        worker_max_ts
-                    } else {
-                        backlog_clock(&feed, &cut)
-                            .unwrap_or_else(|| shared.max_ts.load(Ordering::Acquire))
-                    };
+                    let own = (replay && !input_done).then_some(worker_max_ts);
+                    let basis =
+                        clock_basis(own, &feed, &cut, || shared.max_ts.load(Ordering::Acquire));
                     clock = clock.max(basis.saturating_sub(settings.allowed_lateness_ms));
                 }
             }
