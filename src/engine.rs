@@ -1433,8 +1433,11 @@ fn run_worker(
                     final_state = Some(profiles);
                 }
             }
+            // The state read stays until the cluster agrees on the dump's time: taking it
+            // sooner dropped it, and every step in between read the whole state again.
             let kept = agreements.as_ref().and_then(|[_, lasts]| lasts.result());
-            if let (Some(as_of), Some(profiles)) = (kept, kept.and(final_state.take())) {
+            let profiles = kept.and_then(|_| final_state.take());
+            if let (Some(as_of), Some(profiles)) = (kept, profiles) {
                 if let Some(d) = dump {
                     d.send(Ok(DumpPart { as_of, profiles }))
                         .context("replay output channel closed")?;
