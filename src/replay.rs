@@ -302,7 +302,7 @@ fn write_lines(
     Ok(())
 }
 
-/// Profiles per block of a dump rendered by one thread.
+/// Profiles per block of a dump, serialized by one thread.
 const DUMP_BLOCK: usize = 4096;
 
 /// One JSON line per profile.
