@@ -176,8 +176,23 @@ fn expected(lines: &[String], workers: usize) -> Vec<Trigger> {
 
 /// Replays `lines` with `persona replay --triggers`; the triggers and the dump.
 fn replay(lines: &[String], workers: usize) -> (Vec<Trigger>, Vec<Value>) {
+    replay_with(lines, workers, None)
+}
+
+/// [`replay`] with a config file's text.
+fn replay_with(
+    lines: &[String],
+    workers: usize,
+    config: Option<&str>,
+) -> (Vec<Trigger>, Vec<Value>) {
     let dir = tempfile::tempdir().unwrap();
     let (events, _) = support::write_log(dir.path(), lines, &[]);
+    let mut extra: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(text) = config {
+        let path = dir.path().join("persona.toml");
+        std::fs::write(&path, text).unwrap();
+        extra.extend(["--config".into(), path.into_os_string()]);
+    }
     let (triggers, dump) = (
         dir.path().join("triggers.jsonl"),
         dir.path().join("dump.jsonl"),
@@ -192,6 +207,7 @@ fn replay(lines: &[String], workers: usize) -> (Vec<Trigger>, Vec<Value>) {
         .arg("--dead-letters")
         .arg(dir.path().join("dead.jsonl"))
         .args(["--workers", &workers.to_string()])
+        .args(&extra)
         .output()
         .unwrap();
     assert!(
@@ -284,5 +300,88 @@ fn replaying_twice_gives_the_same_triggers() {
         let (second, _) = replay(&lines, workers);
         assert!(!first.is_empty());
         assert_eq!(first, second, "{workers} workers");
+    }
+}
+
+/// Each user's segments as its triggers leave them.
+fn held(triggers: &[Trigger]) -> BTreeSet<(String, String)> {
+    let mut member = BTreeSet::new();
+    for (u, _, s, change) in triggers {
+        if change == "enter" {
+            member.insert((u.clone(), s.clone()));
+        } else {
+            member.remove(&(u.clone(), s.clone()));
+        }
+    }
+    member
+}
+
+/// Rules see only the window facts of the types they read, and the score only those of
+/// types that weigh something; what they see must still be what the profile shows.
+#[test]
+fn rules_read_only_the_types_they_name() {
+    let line = |n: usize, user: &str, kind: &str, minutes: u64| {
+        let mut v = serde_json::json!({
+            "event_id": format!("e{n}"), "user_id": user, "type": kind,
+            "ts": BASE + minutes * 60_000, "item_id": "i1",
+        });
+        if kind == "purchase" {
+            v["value"] = serde_json::json!(5.0);
+        }
+        v.to_string()
+    };
+    let mut lines = Vec::new();
+    let mut add = |user: &str, kind: &str, minutes: &[u64]| {
+        for m in minutes {
+            lines.push(line(lines.len(), user, kind, *m));
+        }
+    };
+    // A log this small enters in one batch at its end: two clicks in its last hour are busy,
+    // and page views around them count for nothing.
+    add("clicker", "click", &[170, 175]);
+    add("clicker", "page_view", &[171, 172, 173]);
+    // Page views weigh nothing; one purchase weighs 60, five shares 10 each by default (a
+    // type no default weight names).
+    add("viewer", "page_view", &(0..100).collect::<Vec<_>>());
+    add("buyer", "page_view", &[1, 2, 3]);
+    add("buyer", "purchase", &[4]);
+    add("sharer", "share", &[5, 6, 7, 8, 9]);
+    add("late", "page_view", &[180]);
+    let rules = "[segments]\nengaged = \"engagement_score >= 50\"\n\
+                 busy = \"windows.1h.click >= 2\"\n";
+    let pair = |u: &str, s: &str| (u.to_string(), s.to_string());
+    let busy = pair("clicker", "busy");
+    for (default_weight, members) in [
+        ("0.0", vec![pair("buyer", "engaged"), busy.clone()]),
+        (
+            "10.0",
+            vec![
+                pair("buyer", "engaged"),
+                pair("sharer", "engaged"),
+                busy.clone(),
+            ],
+        ),
+    ] {
+        let config = format!(
+            "[engine]\ndefault_weight = {default_weight}\n\
+             [engine.weights]\npage_view = 0.0\npurchase = 60.0\n{rules}"
+        );
+        for workers in [1, 2] {
+            let (triggers, dump) = replay_with(&lines, workers, Some(&config));
+            let what = format!("default_weight {default_weight}, {workers} workers");
+            let want: BTreeSet<_> = members.iter().cloned().collect();
+            assert_eq!(held(&triggers), want, "{what}: {triggers:?}");
+            for p in &dump {
+                let user = p["user_id"].as_str().unwrap();
+                let listed: BTreeSet<_> = p["segments"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| pair(user, s.as_str().unwrap()))
+                    .collect();
+                let mine: BTreeSet<_> = want.iter().filter(|(u, _)| u == user).cloned().collect();
+                assert_eq!(listed, mine, "{what}: the dump's segments of {user}");
+            }
+        }
     }
 }

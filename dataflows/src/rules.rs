@@ -68,16 +68,17 @@ pub trait Fields {
 /// Which inputs a set of rules needs, so the engine computes only those.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Needs {
-    /// Indices (into `windows`) of windows some rule reads, sorted, deduplicated.
-    pub windows: Vec<usize>,
+    /// `(window index, type hash)` of every window count some rule reads, sorted,
+    /// deduplicated: the engine keeps no window facts for the other types.
+    pub windows: Vec<(usize, u64)>,
     /// `engagement_score` is read.
     pub engagement: bool,
     /// `in top_categories`.
     pub top_categories: bool,
     /// `in devices`.
     pub devices: bool,
-    /// Some `counts.<type>`.
-    pub counts: bool,
+    /// Type hashes of the `counts.<type>` some rule reads, sorted, deduplicated.
+    pub counts: Vec<u64>,
 }
 
 impl Needs {
@@ -88,7 +89,9 @@ impl Needs {
         self.engagement |= other.engagement;
         self.top_categories |= other.top_categories;
         self.devices |= other.devices;
-        self.counts |= other.counts;
+        self.counts.extend_from_slice(&other.counts);
+        self.counts.sort_unstable();
+        self.counts.dedup();
     }
 }
 
@@ -147,6 +150,8 @@ impl Rule {
         self.root.needs(&mut needs);
         needs.windows.sort_unstable();
         needs.windows.dedup();
+        needs.counts.sort_unstable();
+        needs.counts.dedup();
         needs
     }
 
@@ -252,8 +257,8 @@ impl Node {
             Node::Not(n) => n.needs(needs),
             Node::Compare { field, .. } => match field {
                 Number::EngagementScore => needs.engagement = true,
-                Number::Count(_) => needs.counts = true,
-                Number::Window(w, _) => needs.windows.push(*w),
+                Number::Count(kind) => needs.counts.push(*kind),
+                Number::Window(w, kind) => needs.windows.push((*w, *kind)),
                 _ => {}
             },
             Node::HasDevice(_) => needs.devices = true,
@@ -1194,10 +1199,12 @@ mod tests {
             "windows.7d.view >= 1 || windows.1h.view >= 1 && windows.7d.buy == 0 \
              || engagement_score > 1",
         );
+        let mut windows = vec![(0, fnv("view")), (2, fnv("view")), (2, fnv("buy"))];
+        windows.sort_unstable();
         assert_eq!(
             r.needs(),
             Needs {
-                windows: vec![0, 2],
+                windows,
                 engagement: true,
                 ..Needs::default()
             }
@@ -1208,7 +1215,7 @@ mod tests {
             Needs {
                 top_categories: true,
                 devices: true,
-                counts: true,
+                counts: vec![fnv("a")],
                 ..Needs::default()
             }
         );
@@ -1222,14 +1229,16 @@ mod tests {
         let mut a = rule("windows.7d.x > 1 && counts.y > 1").needs();
         a.merge(&rule("windows.1h.x > 1 || windows.7d.z > 1 || engagement_score > 0").needs());
         a.merge(&rule("'m' in top_categories").needs());
+        let mut windows = vec![(0, fnv("x")), (2, fnv("x")), (2, fnv("z"))];
+        windows.sort_unstable();
         assert_eq!(
             a,
             Needs {
-                windows: vec![0, 2],
+                windows,
                 engagement: true,
                 top_categories: true,
                 devices: false,
-                counts: true,
+                counts: vec![fnv("y")],
             }
         );
     }

@@ -3,16 +3,18 @@
 //!
 //! The rules read the same features a profile shows, from compact facts: the user's
 //! [`Basics`], all-time counts and devices, category counts, and one `Window(w, type)` fact per
-//! event and window a rule reads, present while `now - w < ts <= now` (inserted at
-//! `max(arrival, ts)`, retracted at `ts + w`). Only the inputs some rule reads are built. A keyed
+//! event and window a rule reads that event's type in, present while `now - w < ts <= now`
+//! (inserted at `max(arrival, ts)`, retracted at `ts + w`). Only the inputs some rule reads are
+//! built, down to the types: `windows.24h.purchase` keeps no facts for page views, whose
+//! retractions would otherwise each be a time at which the user's rules run again. A keyed
 //! operator keeps those facts per user, applies complete times in order, re-evaluates the rules
 //! of every user touched at a time and emits the membership changes, so downstream the
 //! membership is an ordinary collection whose changes are the triggers.
 //!
-//! Cost per event: O(1) fact updates (two per window read), then one evaluation of every rule
-//! for the user, whose cost is bounded by the number of distinct types, categories and windows
-//! the user has, never by their history. Memory: per user, those facts and the basics; per
-//! event, one pending retraction per window read, until it is due.
+//! Cost per event: O(1) fact updates (two per window that reads its type), then one evaluation
+//! of every rule for the user, whose cost is bounded by the number of distinct types, categories
+//! and windows the user has, never by their history. Memory: per user, those facts and the
+//! basics; per event, one pending retraction per window that reads its type, until it is due.
 
 use crate::basics::Basics;
 use crate::event::{hold_at, release_to, Device, Event, NameOrder, Time, UserKey};
@@ -82,19 +84,49 @@ pub fn segments<'s>(
     config: &SegmentConfig,
 ) -> VecCollection<'s, Time, (UserKey, u32)> {
     let needs = config.needs();
-    let mut widths: Vec<(u8, u64)> = needs
-        .windows
-        .iter()
-        .filter_map(|w| Some((u8::try_from(*w).ok()?, *config.windows_ms.get(*w)?)))
-        .collect();
+    // Per window read: its fact index, its width and the types read in it.
+    let mut widths: Vec<(u8, u64, Kinds)> = Vec::new();
+    for &(w, kind) in &needs.windows {
+        let (Ok(index), Some(&width)) = (u8::try_from(w), config.windows_ms.get(w)) else {
+            continue;
+        };
+        match widths.last_mut() {
+            Some((i, _, Kinds::Only(kinds))) if *i == index => kinds.push(kind),
+            _ => widths.push((index, width, Kinds::Only(vec![kind]))),
+        }
+    }
     if needs.engagement {
-        widths.push((SCORE, config.score_window_ms));
+        // A type weighing 0 adds nothing to the score.
+        let weighed = |zero: bool| {
+            let mut kinds: Vec<u64> = config
+                .weights
+                .iter()
+                .filter(|(_, w)| (**w == 0.0) == zero)
+                .map(|(k, _)| *k)
+                .collect();
+            kinds.sort_unstable();
+            kinds
+        };
+        let kinds = if config.default_weight == 0.0 {
+            Kinds::Only(weighed(false))
+        } else {
+            Kinds::AllBut(weighed(true))
+        };
+        widths.push((SCORE, config.score_window_ms, kinds));
     }
     let scope = events.inner.scope();
     let mut facts: VecCollection<'s, Time, (UserKey, Fact)> =
         VecCollection::new(timely::dataflow::operators::generic::operator::empty(scope));
-    if needs.counts || needs.devices {
-        facts = facts.concat(counts.map(|(u, f)| (u, Fact::Feature(f))));
+    if !needs.counts.is_empty() || needs.devices {
+        let (kinds, devices) = (needs.counts.clone(), needs.devices);
+        facts = facts.concat(counts.flat_map(move |(u, f)| {
+            let read = match f {
+                Feature::Count(kind) => kinds.binary_search(&kind).is_ok(),
+                Feature::Device(_) => devices,
+                _ => true,
+            };
+            read.then_some((u, Fact::Feature(f)))
+        }));
     }
     if needs.top_categories {
         // Joined by item, so on the item's worker: move them to the user's.
@@ -113,7 +145,8 @@ pub fn segments<'s>(
             let widths = if e.is_sealed() { &[][..] } else { &widths[..] };
             widths
                 .iter()
-                .flat_map(|(w, width)| {
+                .filter(|(_, _, kinds)| kinds.contain(e.kind))
+                .flat_map(|(w, width, _)| {
                     let fact = (user, Fact::Window(*w, e.kind));
                     [
                         (fact, e.ts, 1isize),
@@ -125,6 +158,21 @@ pub fn segments<'s>(
         facts = facts.concat(release_when_due(windowed));
     }
     membership(facts, basics, config.clone())
+}
+
+/// The event types a window's facts are kept for, sorted.
+enum Kinds {
+    Only(Vec<u64>),
+    AllBut(Vec<u64>),
+}
+
+impl Kinds {
+    fn contain(&self, kind: u64) -> bool {
+        match self {
+            Kinds::Only(kinds) => kinds.binary_search(&kind).is_ok(),
+            Kinds::AllBut(kinds) => kinds.binary_search(&kind).is_err(),
+        }
+    }
 }
 
 /// The keyed operator: facts and basics in, membership changes out.
