@@ -89,6 +89,13 @@ row() {
   echo "| $1 | $(python3 -c "print(f'{$2:,}')") | $3 | $4 | $rate | $ELAPSED | $(python3 -c "print(f'{$mib:,}')") | $per_user | $6 |"
 }
 
+# The peers' one-time setup (venvs, redis-server) is done here, so that no row times it.
+for peer in $PEERS; do
+  case $peer in
+    pathway | redis) scripts/peers/$peer.sh --setup >&2 || echo "bench: setting up $peer failed" >&2 ;;
+  esac
+done
+
 for entry in "${logs[@]}"; do
   IFS='|' read -r log catalog label <<<"$entry"
   events=$(wc -l <"$log")

@@ -7,14 +7,19 @@
 # missing or the requirements changed, then runs pathway_features.py with THREADS Pathway
 # worker threads (PATHWAY_THREADS, what `pathway spawn --threads N` sets). Prints only errors
 # and a final line `pathway: <lines read> lines, <users> users, elapsed <s> s`.
+# `--setup` only creates the venv (scripts/bench.sh runs it before timing anything).
 # PATHWAY_SESSIONS=sort swaps windowby(session) for a sort-based session count (see the script).
 set -euo pipefail
 
-if [ $# -ne 3 ]; then
-    echo "usage: $0 LOG OUT THREADS" >&2
+setup_only=0
+if [ "${1:-}" = --setup ] && [ $# -eq 1 ]; then
+    setup_only=1
+elif [ $# -ne 3 ]; then
+    echo "usage: $0 LOG OUT THREADS | $0 --setup" >&2
     exit 2
+else
+    log=$1 out=$2 threads=$3
 fi
-log=$1 out=$2 threads=$3
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 venv=$root/target/bench/venv-pathway
@@ -26,6 +31,7 @@ if ! [ -x "$venv/bin/python" ] || ! cmp -s "$req" "$venv/.requirements"; then
     "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
     cp "$req" "$venv/.requirements"
 fi
+[ "$setup_only" = 1 ] && exit 0
 
 exec "$venv/bin/python" "$here/pathway_features.py" \
     --events "$log" --out "$out" --threads "$threads" \

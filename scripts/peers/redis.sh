@@ -10,14 +10,18 @@
 # prints Redis's memory and ends with one line:
 #   redis: <lines> lines, <users> users, elapsed <s> s, redis used_memory <bytes>, redis peak RSS <KiB> KiB
 # elapsed is the loader's wall clock (load + dump); used_memory is taken after the dump.
+# `--setup` only installs redis-server and the venv (scripts/bench.sh runs it before timing).
 set -euo pipefail
 
-if [ $# -lt 2 ] || [ $# -gt 3 ]; then
-  echo "usage: $0 LOG OUT [LOADERS]" >&2
+SETUP_ONLY=0
+if [ "${1:-}" = --setup ] && [ $# -eq 1 ]; then
+  SETUP_ONLY=1
+elif [ $# -lt 2 ] || [ $# -gt 3 ]; then
+  echo "usage: $0 LOG OUT [LOADERS] | $0 --setup" >&2
   exit 2
 fi
-LOG=$1
-OUT=$2
+LOG=${1:-}
+OUT=${2:-}
 LOADERS=${3:-1}
 PORT=${REDIS_PORT:-6390}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +29,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 VENV=${REDIS_VENV:-$ROOT/target/bench/venv-redis}
 REQS=$HERE/requirements-redis.txt
 
-[ -r "$LOG" ] || { echo "redis.sh: cannot read $LOG" >&2; exit 2; }
+[ "$SETUP_ONLY" = 1 ] || [ -r "$LOG" ] || { echo "redis.sh: cannot read $LOG" >&2; exit 2; }
 
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -43,6 +47,7 @@ if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQS" "$VENV/requirements-redis.txt
   "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQS"
   cp "$REQS" "$VENV/requirements-redis.txt"
 fi
+[ "$SETUP_ONLY" = 1 ] && exit 0
 
 if redis-cli -p "$PORT" ping >/dev/null 2>&1; then
   echo "redis.sh: something already answers on port $PORT; set REDIS_PORT" >&2
