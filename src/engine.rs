@@ -284,6 +284,17 @@ pub fn lower_priority(nice: i32, thread: &str) {
     if nice == 0 {
         return;
     }
+    match set_nice(nice) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!(thread, nice, "engine.worker_nice is only applied on Linux")
+        }
+        Err(e) => tracing::warn!(thread, nice, "cannot lower the thread's priority: {e}"),
+    }
+}
+
+/// Sets the calling thread's nice value.
+fn set_nice(nice: i32) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: plain system calls on the calling thread's own id.
@@ -292,12 +303,15 @@ pub fn lower_priority(nice: i32, thread: &str) {
             libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
         };
         if done != 0 {
-            let e = std::io::Error::last_os_error();
-            tracing::warn!(thread, nice, "cannot lower the thread's priority: {e}");
+            return Err(std::io::Error::last_os_error());
         }
+        Ok(())
     }
     #[cfg(not(target_os = "linux"))]
-    tracing::warn!(thread, nice, "engine.worker_nice is only applied on Linux");
+    {
+        let _ = nice;
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Waits for every worker and gathers their errors into one.
@@ -1445,6 +1459,10 @@ fn run_worker(
                 dumped = true;
                 status.caught_up.store(true, Ordering::Release);
                 if !serve_after {
+                    // All that is left here is freeing this worker's state, which would take
+                    // the CPU from the dump's rendering and writing (and from workers still
+                    // reading their final state): let them go first. Best effort.
+                    let _ = set_nice(19);
                     break;
                 }
             }

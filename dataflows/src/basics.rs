@@ -535,7 +535,6 @@ pub fn basics<'s>(
         .unary_frontier(pact, "Basics", move |_cap, _info| {
             let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
             let users = shared;
-            let mut touched: Vec<u64> = Vec::new();
             // (due time, user): when to visit a user to seal its oldest detail.
             let mut queue: BinaryHeap<Reverse<(Time, u64)>> = BinaryHeap::new();
             move |(input, frontier), output| {
@@ -553,7 +552,7 @@ pub fn basics<'s>(
                     if frontier.less_equal(entry.key()) {
                         break;
                     }
-                    let (time, (cap, batch)) = entry.remove_entry();
+                    let (time, (cap, mut batch)) = entry.remove_entry();
                     let seal = retention_ms.and_then(|r| time.checked_sub(r));
                     // A restore's detail is applied as it was before the restart; the visits
                     // seal it afterwards.
@@ -571,55 +570,54 @@ pub fn basics<'s>(
                             }
                         }
                     }
-                    touched.clear();
-                    for (event, diff) in &batch {
-                        let state = users.entry(event.user).or_default();
-                        let diff = *diff as i64;
-                        if let Some(seal) = judged.filter(|s| event.is_sealed() || event.ts <= *s) {
-                            // Judged against exactly what the gate has sealed by now.
-                            state.seal(seal, &ids, forget.as_ref());
-                        }
-                        if event.is_sealed() {
-                            // A retraction withdraws the whole sealed part; a restore's sealed
-                            // records only bring its counts and spend back.
-                            if diff < 0 {
-                                state.clear_sealed(session_gap_ms);
-                            }
-                            let n = diff.unsigned_abs();
-                            state.events = if diff > 0 {
-                                state.events + n
-                            } else {
-                                state.events.saturating_sub(n)
-                            };
-                            state.add_spend(event, diff, purchase_kind);
-                        } else {
-                            state.apply(event, diff, session_gap_ms, purchase_kind);
-                            if let Some(r) = retention_ms {
-                                requeue(state, event.user, r, &mut queue);
-                            }
-                        }
-                        touched.push(event.user);
-                    }
-                    touched.sort_unstable();
-                    touched.dedup();
+                    // By user, each user's events in their order: a user's state is looked up
+                    // once, and is still in cache when its new basics are read.
+                    batch.sort_by_key(|(event, _)| event.user);
                     let mut session = output.session(&cap);
-                    for user in &touched {
-                        let Some(state) = users.get_mut(user) else {
-                            continue;
-                        };
+                    for run in batch.chunk_by(|(a, _), (b, _)| a.user == b.user) {
+                        let user = run[0].0.user;
+                        let state = users.entry(user).or_default();
+                        for (event, diff) in run {
+                            let diff = *diff as i64;
+                            if let Some(seal) =
+                                judged.filter(|s| event.is_sealed() || event.ts <= *s)
+                            {
+                                // Judged against exactly what the gate has sealed by now.
+                                state.seal(seal, &ids, forget.as_ref());
+                            }
+                            if event.is_sealed() {
+                                // A retraction withdraws the whole sealed part; a restore's
+                                // sealed records only bring its counts and spend back.
+                                if diff < 0 {
+                                    state.clear_sealed(session_gap_ms);
+                                }
+                                let n = diff.unsigned_abs();
+                                state.events = if diff > 0 {
+                                    state.events + n
+                                } else {
+                                    state.events.saturating_sub(n)
+                                };
+                                state.add_spend(event, diff, purchase_kind);
+                            } else {
+                                state.apply(event, diff, session_gap_ms, purchase_kind);
+                                if let Some(r) = retention_ms {
+                                    requeue(state, event.user, r, &mut queue);
+                                }
+                            }
+                        }
                         let new = state.basics(&names, &ids);
                         if new == state.emitted {
                             continue;
                         }
                         if let Some(old) = state.emitted.take() {
-                            session.give(((UserKey(*user), old), time, -1isize));
+                            session.give(((UserKey(user), old), time, -1isize));
                         }
                         if let Some(b) = new {
-                            session.give(((UserKey(*user), b), time, 1isize));
+                            session.give(((UserKey(user), b), time, 1isize));
                         }
                         state.emitted = new;
                         if state.is_empty() {
-                            users.remove(user);
+                            users.remove(&user);
                         }
                     }
                 }

@@ -198,7 +198,6 @@ fn membership<'s>(
                 let mut earliest = Time::MAX;
                 let mut held: Option<Capability<Time>> = None;
                 let mut users: HashMap<u64, UserFacts> = HashMap::default();
-                let mut touched: Vec<u64> = Vec::new();
                 let mut members: Vec<u32> = Vec::new();
                 let mut changes: Vec<((UserKey, u32), Time, isize)> = Vec::new();
                 move |(facts_in, facts_frontier), (basics_in, basics_frontier), output| {
@@ -238,32 +237,25 @@ fn membership<'s>(
                         let Some(time) = next_fact.into_iter().chain(next_basics).min() else {
                             break;
                         };
-                        touched.clear();
-                        while b < basics_done && basics[b].0 == time {
-                            let (_, user, ref new, diff) = basics[b];
-                            users
-                                .entry(user.0)
-                                .or_default()
-                                .apply_basics(new, diff as i64);
-                            touched.push(user.0);
-                            b += 1;
-                        }
-                        while f < facts_done && facts[f].0 == time {
-                            // One lookup for a user's run of facts at this time.
-                            let user = facts[f].1 .0;
+                        // User by user (both lists are sorted by user within a time): a user's
+                        // state is looked up once, and is still in cache when its rules run.
+                        loop {
+                            let fact_user =
+                                (f < facts_done && facts[f].0 == time).then(|| facts[f].1 .0);
+                            let basics_user =
+                                (b < basics_done && basics[b].0 == time).then(|| basics[b].1 .0);
+                            let Some(user) = fact_user.into_iter().chain(basics_user).min() else {
+                                break;
+                            };
                             let state = users.entry(user).or_default();
+                            while b < basics_done && basics[b].0 == time && basics[b].1 .0 == user {
+                                state.apply_basics(&basics[b].2, basics[b].3 as i64);
+                                b += 1;
+                            }
                             while f < facts_done && facts[f].0 == time && facts[f].1 .0 == user {
                                 state.apply(&facts[f].2, facts[f].3 as i64);
                                 f += 1;
                             }
-                            touched.push(user);
-                        }
-                        touched.sort_unstable();
-                        touched.dedup();
-                        for user in &touched {
-                            let Some(state) = users.get_mut(user) else {
-                                continue;
-                            };
                             members.clear();
                             if state.basics.is_some() {
                                 let view = View {
@@ -281,15 +273,15 @@ fn membership<'s>(
                             }
                             if members != state.members {
                                 for id in state.members.iter().filter(|m| !members.contains(m)) {
-                                    changes.push(((UserKey(*user), *id), time, -1isize));
+                                    changes.push(((UserKey(user), *id), time, -1isize));
                                 }
                                 for id in members.iter().filter(|m| !state.members.contains(m)) {
-                                    changes.push(((UserKey(*user), *id), time, 1isize));
+                                    changes.push(((UserKey(user), *id), time, 1isize));
                                 }
                                 state.members.clone_from(&members);
                             }
                             if state.is_empty() {
-                                users.remove(user);
+                                users.remove(&user);
                             }
                         }
                     }
