@@ -377,8 +377,8 @@ impl Metrics {
 }
 
 impl DedupObserver for Metrics {
-    fn accepted(&self) {
-        self.inner.accepted.inc();
+    fn accepted(&self, n: u64) {
+        self.inner.accepted.inc_by(n);
     }
     fn duplicate(&self, conflicting: bool) {
         self.inner.duplicates.inc();

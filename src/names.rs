@@ -91,9 +91,8 @@ impl Names {
     /// Hashes an event id and remembers its string until [`Names::forget_event_id`].
     pub fn intern_event_id(&self, s: &str) -> u64 {
         let h = hash(s);
-        if !self.event_ids.contains_key(&h) {
-            self.event_ids.entry(h).or_insert_with(|| Arc::from(s));
-        }
+        // Event ids are nearly all new: one write lookup, not a read and then a write.
+        self.event_ids.entry(h).or_insert_with(|| Arc::from(s));
         h
     }
 

@@ -21,6 +21,7 @@ use crate::event::{Event, PendingByTime, Time};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
@@ -28,8 +29,9 @@ use timely::dataflow::operators::generic::Operator;
 
 /// Told about every de-duplication decision (the I/O shell counts them in its metrics).
 pub trait DedupObserver: Send + Sync {
-    /// A new event id was accepted.
-    fn accepted(&self);
+    /// `n` new event ids were accepted (told once per batch: a shared counter bumped per event
+    /// from every worker costs more than the count).
+    fn accepted(&self, n: u64);
     /// A copy of a known id was dropped or replaced the kept event; `conflicting` if it differed.
     fn duplicate(&self, conflicting: bool);
 }
@@ -76,17 +78,19 @@ pub fn dedup<'s>(
                     expiry.forget(&mut seen, horizon, |expires| expires <= time);
                     batch.sort_unstable();
                     let mut session = output.session(&cap);
+                    let mut accepted = 0;
                     for event in batch {
-                        match seen.get_mut(&event.id) {
-                            None => {
-                                seen.insert(event.id, Entry { kept: event });
+                        match seen.entry(event.id) {
+                            Slot::Vacant(slot) => {
+                                slot.insert(Entry { kept: event });
                                 expiry
                                     .fifo
                                     .push_back((time.saturating_add(horizon), event.id));
-                                stats.accepted();
+                                accepted += 1;
                                 session.give((event, time, 1isize));
                             }
-                            Some(entry) => {
+                            Slot::Occupied(mut slot) => {
+                                let entry = slot.get_mut();
                                 stats.duplicate(entry.kept != event);
                                 // Conflicting and smaller: the tie rule says it replaces the kept one.
                                 if event < entry.kept {
@@ -96,6 +100,9 @@ pub fn dedup<'s>(
                                 }
                             }
                         }
+                    }
+                    if accepted > 0 {
+                        stats.accepted(accepted);
                     }
                 }
                 // Forget the ids no time still to come remembers.
@@ -156,7 +163,7 @@ mod tests {
 
     struct Quiet;
     impl DedupObserver for Quiet {
-        fn accepted(&self) {}
+        fn accepted(&self, _: u64) {}
         fn duplicate(&self, _conflicting: bool) {}
     }
 
