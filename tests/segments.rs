@@ -337,9 +337,11 @@ fn rules_read_only_the_types_they_name() {
         }
     };
     // A log this small enters in one batch at its end: two clicks in its last hour are busy,
-    // and page views around them count for nothing.
+    // and page views around them count for nothing; a search among them is not.
     add("clicker", "click", &[170, 175]);
     add("clicker", "page_view", &[171, 172, 173]);
+    add("searcher", "click", &[170, 175]);
+    add("searcher", "search", &[176]);
     // Page views weigh nothing; one purchase weighs 60, five shares 10 each by default (a
     // type no default weight names).
     add("viewer", "page_view", &(0..100).collect::<Vec<_>>());
@@ -347,21 +349,23 @@ fn rules_read_only_the_types_they_name() {
     add("buyer", "purchase", &[4]);
     add("sharer", "share", &[5, 6, 7, 8, 9]);
     add("late", "page_view", &[180]);
+    // Devices are read with no `counts.<type>` rule.
+    lines.push(
+        serde_json::json!({"event_id": "phone-1", "user_id": "phone", "type": "page_view",
+            "ts": BASE + 60_000, "device": {"type": "mobile"}})
+        .to_string(),
+    );
     let rules = "[segments]\nengaged = \"engagement_score >= 50\"\n\
-                 busy = \"windows.1h.click >= 2\"\n";
+                 busy = \"windows.1h.click >= 2 && windows.1h.search == 0\"\n\
+                 on_mobile = \"'mobile' in devices\"\n";
     let pair = |u: &str, s: &str| (u.to_string(), s.to_string());
-    let busy = pair("clicker", "busy");
-    for (default_weight, members) in [
-        ("0.0", vec![pair("buyer", "engaged"), busy.clone()]),
-        (
-            "10.0",
-            vec![
-                pair("buyer", "engaged"),
-                pair("sharer", "engaged"),
-                busy.clone(),
-            ],
-        ),
-    ] {
+    let always = [pair("clicker", "busy"), pair("phone", "on_mobile")];
+    for (default_weight, engaged) in [("0.0", vec!["buyer"]), ("10.0", vec!["buyer", "sharer"])] {
+        let members: Vec<_> = engaged
+            .iter()
+            .map(|u| pair(u, "engaged"))
+            .chain(always.iter().cloned())
+            .collect();
         let config = format!(
             "[engine]\ndefault_weight = {default_weight}\n\
              [engine.weights]\npage_view = 0.0\npurchase = 60.0\n{rules}"
@@ -381,6 +385,13 @@ fn rules_read_only_the_types_they_name() {
                     .collect();
                 let mine: BTreeSet<_> = want.iter().filter(|(u, _)| u == user).cloned().collect();
                 assert_eq!(listed, mine, "{what}: the dump's segments of {user}");
+                // The operator's score is the profile's.
+                let score = p["engagement_score"].as_f64().unwrap();
+                assert_eq!(
+                    score >= 50.0,
+                    want.contains(&pair(user, "engaged")),
+                    "{what}: {user}'s score {score}"
+                );
             }
         }
     }
