@@ -116,6 +116,8 @@ pub struct EngineConfig {
     /// CPUs the worker threads and the checkpoint writer run on (empty: any), so that CPUs
     /// left out (`http.cpus`) stay free for reads.
     pub worker_cpus: Vec<usize>,
+    /// Print each worker's time per dataflow operator to stderr when its run ends.
+    pub operator_times: bool,
 }
 
 impl Default for EngineConfig {
@@ -145,6 +147,7 @@ impl Default for EngineConfig {
             checkpoint_every: "1m".into(),
             worker_nice: 0,
             worker_cpus: Vec::new(),
+            operator_times: false,
         }
     }
 }
@@ -515,6 +518,8 @@ pub struct Settings {
     pub worker_nice: i32,
     /// CPUs the worker threads and the checkpoint writer run on (empty: any).
     pub worker_cpus: Vec<usize>,
+    /// See [`crate::optimes`].
+    pub operator_times: bool,
     pub clock: ClockMode,
     pub tick_ms: u64,
     pub windows: Vec<Window>,
@@ -945,6 +950,7 @@ impl Settings {
             workers: e.workers,
             worker_nice: e.worker_nice,
             worker_cpus: e.worker_cpus.clone(),
+            operator_times: e.operator_times,
             clock: e.clock,
             tick_ms,
             windows,

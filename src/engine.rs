@@ -44,6 +44,8 @@ const LIVE_BATCH_LINES: usize = 4096;
 /// How often a worker publishes its Kafka partitions' status.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
 /// How long `run` steps for one batch before it turns to queries (see step 3).
+/// Lines a waiting replay worker reads ahead between two steps.
+const READ_AHEAD_LINES: usize = 512;
 const BACKPRESSURE_SLICE: Duration = Duration::from_millis(5);
 
 /// What the engine runs.
@@ -696,6 +698,66 @@ fn start_batch(
     1
 }
 
+/// Why [`read_lines`] stopped before its limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinesEnd {
+    /// A line that starts the next batch is in `carried` (see [`BatchCut`]).
+    Carried,
+    /// Following the file, and nothing new yet.
+    Wait,
+    /// The file is done.
+    End,
+}
+
+/// Reads up to `limit` of this worker's lines of a file into `batch`; returns how many it read
+/// and, if it stopped early, why.
+fn read_lines(
+    events: &mut LineSource,
+    label: &str,
+    limit: usize,
+    (cut, ts_bounds): (&mut BatchCut, (Option<u64>, Option<u64>)),
+    (batch, carried): (&mut Vec<Event>, &mut Option<(Event, i32)>),
+    shared: &Shared,
+) -> Result<(usize, Option<LinesEnd>)> {
+    let mut read = 0;
+    while read < limit {
+        match events.next_line()? {
+            Next::Line { number, oversize } => {
+                read += 1;
+                let line = events.line();
+                let mut taken = true;
+                if !line.iter().all(u8::is_ascii_whitespace) {
+                    let origin = Origin::Line {
+                        path: label,
+                        number,
+                    };
+                    if oversize {
+                        shared.metrics.event_read();
+                        shared
+                            .dead
+                            .reject(&oversize_rejection(), &origin.to_string(), line);
+                    } else {
+                        taken = cut.record(
+                            line,
+                            origin,
+                            ts_bounds,
+                            (&mut *batch, &mut *carried),
+                            shared,
+                        );
+                    }
+                }
+                events.clear();
+                if !taken {
+                    return Ok((read, Some(LinesEnd::Carried)));
+                }
+            }
+            Next::Wait => return Ok((read, Some(LinesEnd::Wait))),
+            Next::End => return Ok((read, Some(LinesEnd::End))),
+        }
+    }
+    Ok((read, None))
+}
+
 /// Whether `event` is an erasure or a revocation: records that are applied however late.
 fn withdraws(event: &Event, c: persona_dataflows::ControlKinds) -> bool {
     event.kind == c.erasure || (event.kind == c.consent && event.value() <= 0.0)
@@ -927,6 +989,10 @@ fn run_worker(
     let mut last_refresh_at = Instant::now();
     let observer: Arc<dyn persona_dataflows::DedupObserver> = Arc::new(shared.metrics.clone());
     let dataflow_id = worker.next_dataflow_index();
+    let operator_times = settings
+        .operator_times
+        .then(|| crate::optimes::OperatorTimes::register(worker))
+        .flatten();
     #[allow(clippy::type_complexity)]
     let (
         mut inputs,
@@ -1085,6 +1151,9 @@ fn run_worker(
     let mut worker_max_ts = 0u64;
     // The clock before the last batch read, while that batch is not fully processed.
     let mut in_flight: Option<Time> = None;
+    // Lines of the next batch a replay read while it waited for the last one to be processed,
+    // and why that reading stopped early, if it did.
+    let mut pre_read: Option<(usize, Option<LinesEnd>)> = None;
 
     // Replay reads the whole catalog before the events (it applies retroactively either way).
     if replay {
@@ -1155,50 +1224,38 @@ fn run_worker(
                             shared,
                         )?;
                     }
-                    read += start_batch(&mut cut, &mut carried, &mut batch, shared.controls);
-                    while read < batch_lines {
-                        match events.next_line()? {
-                            Next::Line { number, oversize } => {
-                                read += 1;
-                                let line = events.line();
-                                let mut taken = true;
-                                if !line.iter().all(u8::is_ascii_whitespace) {
-                                    let origin = Origin::Line {
-                                        path: label,
-                                        number,
-                                    };
-                                    if oversize {
-                                        shared.metrics.event_read();
-                                        shared.dead.reject(
-                                            &oversize_rejection(),
-                                            &origin.to_string(),
-                                            line,
-                                        );
-                                    } else {
-                                        taken = cut.record(
-                                            line,
-                                            origin,
-                                            ts_bounds,
-                                            (&mut batch, &mut carried),
-                                            shared,
-                                        );
-                                    }
-                                }
-                                events.clear();
-                                if !taken {
-                                    break;
-                                }
-                            }
-                            Next::Wait => {
-                                status.mark_end(clock);
-                                break;
-                            }
-                            Next::End => {
-                                input_done = true;
-                                status.mark_end(clock);
-                                break;
-                            }
+                    // A replay may have read part or all of this batch while it waited for the
+                    // last one (step 3).
+                    let (got, end) = match pre_read.take() {
+                        Some(p) => p,
+                        None => (
+                            start_batch(&mut cut, &mut carried, &mut batch, shared.controls),
+                            None,
+                        ),
+                    };
+                    read += got;
+                    let end = match end {
+                        Some(end) => Some(end),
+                        None => {
+                            let (n, end) = read_lines(
+                                events,
+                                label,
+                                batch_lines - read,
+                                (&mut cut, ts_bounds),
+                                (&mut batch, &mut carried),
+                                shared,
+                            )?;
+                            read += n;
+                            end
                         }
+                    };
+                    match end {
+                        Some(LinesEnd::Wait) => status.mark_end(clock),
+                        Some(LinesEnd::End) => {
+                            input_done = true;
+                            status.mark_end(clock);
+                        }
+                        Some(LinesEnd::Carried) | None => {}
                     }
                     status.lines.store(events.lines(), Ordering::Relaxed);
                     status.offset.store(events.offset(), Ordering::Relaxed);
@@ -1357,6 +1414,34 @@ fn run_worker(
                 && (replay || waiting.elapsed() < BACKPRESSURE_SLICE)
             {
                 worker.step();
+                // A replay reads ahead while it waits (mostly for the other workers): the next
+                // batch is the same whenever its lines are read, since the clock that judges
+                // them moves only once a batch is in.
+                if let (true, false, Feed::File { events, label, .. }) =
+                    (replay, input_done, &mut feed)
+                {
+                    let (got, end) = match pre_read.take() {
+                        Some(p) => p,
+                        None => (
+                            start_batch(&mut cut, &mut carried, &mut batch, shared.controls),
+                            None,
+                        ),
+                    };
+                    let more = if end.is_none() && got < batch_lines {
+                        let min_ts = settings.retention_ms.and_then(|r| clock.checked_sub(r));
+                        read_lines(
+                            events,
+                            label,
+                            (batch_lines - got).min(READ_AHEAD_LINES),
+                            (&mut cut, (min_ts, None)),
+                            (&mut batch, &mut carried),
+                            shared,
+                        )?
+                    } else {
+                        (0, end)
+                    };
+                    pre_read = Some((got + more.0, more.1));
+                }
             }
             in_flight = Some(previous);
         } else {
@@ -1512,6 +1597,9 @@ fn run_worker(
         }
     }
 
+    if let Some(times) = &operator_times {
+        eprint!("{}", times.report());
+    }
     for q in pending.drain(..) {
         let _ = q.reply.send(Answer::Unavailable);
     }

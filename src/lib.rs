@@ -23,6 +23,7 @@ pub mod kafka_tools;
 pub mod live;
 pub mod metrics;
 pub mod names;
+pub mod optimes;
 pub mod parse;
 pub mod profile_cache;
 pub mod query;

@@ -212,3 +212,54 @@ fn validate_counts_what_replay_rejects() {
         }
     }
 }
+
+#[test]
+fn operator_times_name_each_workers_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    persona([
+        "generate".as_ref(),
+        "--out".as_ref(),
+        events.as_os_str(),
+        "--events".as_ref(),
+        "20000".as_ref(),
+        "--users".as_ref(),
+        "2000".as_ref(),
+    ]);
+    let run = |on: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_persona"))
+            .args(["replay", "--workers", "2", "--events"])
+            .arg(&events)
+            .arg("--dead-letters")
+            .arg(dir.path().join("dead.jsonl"))
+            .arg("--dump")
+            .arg(dir.path().join("dump.jsonl"))
+            .env("PERSONA_ENGINE_OPERATOR_TIMES", on)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let on = run("true");
+    for worker in 0..2 {
+        let table = on
+            .split(&format!("operator times, worker {worker}:"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no table for worker {worker} in {on}"));
+        let table = table
+            .split("operator times, worker")
+            .next()
+            .unwrap_or(table);
+        for view in ["Basics", "Dedup", "Arrange: basics", "Arrange: features"] {
+            assert!(
+                table.contains(&format!("  {view} (#")),
+                "worker {worker}'s table names {view}: {table}"
+            );
+        }
+    }
+    assert!(!run("false").contains("operator times"));
+}
