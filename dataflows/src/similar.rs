@@ -67,14 +67,6 @@ impl Neighbour {
     }
 }
 
-/// The reduce's input per item `i`: its own count, and each co-occurring item with its count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-enum Counted {
-    Own(u64),
-    /// `(j, c(j))`, with multiplicity `c(i, j)`.
-    Co(u64, u64),
-}
-
 /// `(item, neighbour)` for every item with at least one neighbour.
 pub fn similar_items<'s>(
     affinity: VecCollection<'s, Time, (UserKey, Affinity)>,
@@ -100,9 +92,11 @@ pub fn similar_items<'s>(
             (i != j).then_some((*j, *i))
         });
     let counts = user_items.map(|(_, item)| item).count();
-    // (j, i) × (j, c(j)) → (i, Co(j, c(j))) with multiplicity c(i, j).
-    let co = pairs.join_map(counts.clone(), |j, i, cj| (*i, Counted::Co(*j, *cj as u64)));
-    let own = counts.map(|(i, c)| (i, Counted::Own(c as u64)));
+    // The reduce's input per item `i`: `(j, c(j))` with multiplicity `c(i, j)` for each
+    // co-occurring `j`, and `(i, c(i))` once (pairs never hold `i` twice). Plain pairs sort
+    // and move faster in its arrangement than an enum of the two.
+    let co = pairs.join_map(counts.clone(), |j, i, cj| (*i, (*j, *cj as u64)));
+    let own = counts.map(|(i, c)| (i, (i, c as u64)));
     let (m, similarity, min_co, names) = (
         config.neighbours,
         config.similarity,
@@ -110,22 +104,20 @@ pub fn similar_items<'s>(
         config.names.clone(),
     );
     co.concat(own)
-        .reduce_named("TopNeighbours", move |_i, input, output| {
-            let Some(ci) = input.iter().find_map(|(v, _)| match v {
-                Counted::Own(c) => Some(*c),
-                Counted::Co(..) => None,
-            }) else {
+        .reduce_named("TopNeighbours", move |i, input, output| {
+            // The input is sorted by `(j, c(j))`.
+            let own = input.partition_point(|((j, _), _)| j < i);
+            let Some(ci) = input
+                .get(own)
+                .and_then(|((j, c), _)| (j == i).then_some(*c))
+            else {
                 return;
             };
             // Positive finite f64s order as their bits do.
             let scored: Vec<(u64, u64)> = input
                 .iter()
-                .filter_map(|(v, both)| match v {
-                    Counted::Co(j, cj) if *both > 0 && *both as u64 >= min_co => {
-                        Some((similarity.score(*both as u64, ci, *cj), *j))
-                    }
-                    _ => None,
-                })
+                .filter(|((j, _), both)| j != i && *both > 0 && *both as u64 >= min_co)
+                .map(|((j, cj), both)| (similarity.score(*both as u64, ci, *cj), *j))
                 .filter(|(s, _)| s.is_finite() && *s > 0.0)
                 .map(|(s, j)| (s.to_bits(), j))
                 .collect();
