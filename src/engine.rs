@@ -43,9 +43,9 @@ const REPLAY_BATCH_LINES: usize = 65536;
 const LIVE_BATCH_LINES: usize = 4096;
 /// How often a worker publishes its Kafka partitions' status.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
-/// How long `run` steps for one batch before it turns to queries (see step 3).
 /// Lines a waiting replay worker reads ahead between two steps.
 const READ_AHEAD_LINES: usize = 512;
+/// How long `run` steps for one batch before it turns to queries (see step 3).
 const BACKPRESSURE_SLICE: Duration = Duration::from_millis(5);
 
 /// What the engine runs.
@@ -991,7 +991,13 @@ fn run_worker(
     let dataflow_id = worker.next_dataflow_index();
     let operator_times = settings
         .operator_times
-        .then(|| crate::optimes::OperatorTimes::register(worker))
+        .then(|| {
+            let times = crate::optimes::OperatorTimes::register(worker);
+            if times.is_none() {
+                tracing::warn!("engine.operator_times: this worker has no log registry");
+            }
+            times
+        })
         .flatten();
     #[allow(clippy::type_complexity)]
     let (
@@ -1416,9 +1422,11 @@ fn run_worker(
                 worker.step();
                 // A replay reads ahead while it waits (mostly for the other workers): the next
                 // batch is the same whenever its lines are read, since the clock that judges
-                // them moves only once a batch is in.
-                if let (true, false, Feed::File { events, label, .. }) =
-                    (replay, input_done, &mut feed)
+                // them moves only once a batch is in. Not under a retention: there, sealing in
+                // the running batch forgets event ids (and a too-late line forgets its own),
+                // and an id the next batch reuses must be interned after that, not before.
+                if let (true, false, None, Feed::File { events, label, .. }) =
+                    (replay, input_done, settings.retention_ms, &mut feed)
                 {
                     let (got, end) = match pre_read.take() {
                         Some(p) => p,
@@ -1428,12 +1436,11 @@ fn run_worker(
                         ),
                     };
                     let more = if end.is_none() && got < batch_lines {
-                        let min_ts = settings.retention_ms.and_then(|r| clock.checked_sub(r));
                         read_lines(
                             events,
                             label,
                             (batch_lines - got).min(READ_AHEAD_LINES),
-                            (&mut cut, (min_ts, None)),
+                            (&mut cut, (None, None)),
                             (&mut batch, &mut carried),
                             shared,
                         )?

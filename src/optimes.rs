@@ -1,8 +1,9 @@
 //! Time spent in each dataflow operator, from timely's own scheduling log: a diagnostic for
 //! finding which arrangement or view a run's time goes to, by name, which a sampling profile
 //! of inlined, monomorphised code cannot tell apart. Enabled by `engine.operator_times`
-//! (`PERSONA_ENGINE_OPERATOR_TIMES=true`); each worker prints its table to stderr when its run ends (replay: when its dump is handed
-//! over). Logging every scheduling costs a few percent of a run.
+//! (`PERSONA_ENGINE_OPERATOR_TIMES=true`); each worker prints its table to stderr when its
+//! loop ends: a replay's once its dump is handed over (`--serve`: at shutdown, serving time
+//! included), `run`'s at shutdown. Logging every scheduling costs a few percent of a run.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ impl Totals {
                     let Some((id, start, inner)) = self.open.pop() else {
                         return;
                     };
+                    debug_assert_eq!(id, s.id, "operators stop in the order they started");
                     let took = at.saturating_sub(start);
                     let own = self.own.entry(id).or_default();
                     own.0 += took.saturating_sub(inner);

@@ -221,17 +221,23 @@ fn case() -> impl Strategy<Value = Case> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
 
-    /// Every profile field, the accepted/duplicate/dead-letter counts, with 1, 2 and 4 workers.
+    /// Every profile field, the accepted/duplicate/dead-letter counts, with 1, 2 and 4 workers,
+    /// in one batch and in batches of 3 lines (where a worker waiting for a batch reads the
+    /// next one ahead, and the log can end inside that read).
     #[test]
     fn replay_matches_the_reference(case in case()) {
         let (expected, stats) = reference::profiles(&case.events, &case.catalog);
-        for workers in [1, 2, 4] {
-            let (actual, summary) = support::replay_lines(&case.events, &case.catalog, workers);
-            support::assert_profiles_eq(&actual, &expected, &format!("{workers} workers"));
-            prop_assert_eq!(summary.accepted, stats.accepted, "accepted, {} workers", workers);
-            prop_assert_eq!(summary.duplicates, stats.duplicates, "duplicates, {} workers", workers);
-            prop_assert_eq!(summary.dead_letters, stats.dead, "dead letters, {} workers", workers);
-            prop_assert_eq!(summary.lines, stats.lines, "lines, {} workers", workers);
+        for (workers, batch) in [(1, None), (2, None), (4, None), (1, Some(3)), (2, Some(3))] {
+            let mut settings = support::settings(workers);
+            settings.batch_lines = batch;
+            let ((actual, summary), _) =
+                support::replay_with(&case.events, &case.catalog, settings);
+            let run = format!("{workers} workers, batches of {batch:?} lines");
+            support::assert_profiles_eq(&actual, &expected, &run);
+            prop_assert_eq!(summary.accepted, stats.accepted, "accepted, {}", run);
+            prop_assert_eq!(summary.duplicates, stats.duplicates, "duplicates, {}", run);
+            prop_assert_eq!(summary.dead_letters, stats.dead, "dead letters, {}", run);
+            prop_assert_eq!(summary.lines, stats.lines, "lines, {}", run);
         }
     }
 }

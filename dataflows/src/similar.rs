@@ -93,7 +93,8 @@ pub fn similar_items<'s>(
         });
     let counts = user_items.map(|(_, item)| item).count();
     // The reduce's input per item `i`: `(j, c(j))` with multiplicity `c(i, j)` for each
-    // co-occurring `j`, and `(i, c(i))` once (pairs never hold `i` twice). Plain pairs sort
+    // co-occurring `j`, and `(i, c(i))` once (the join above drops `i == j`, so `co` never
+    // holds `(i, (i, _))` and the self pair is the own count). Plain pairs sort
     // and move faster in its arrangement than an enum of the two.
     let co = pairs.join_map(counts.clone(), |j, i, cj| (*i, (*j, *cj as u64)));
     let own = counts.map(|(i, c)| (i, (i, c as u64)));
