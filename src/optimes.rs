@@ -112,3 +112,65 @@ impl OperatorTimes {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use timely::logging::{OperatesEvent, ScheduleEvent};
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn schedule(id: usize, start_stop: StartStop) -> TimelyEvent {
+        TimelyEvent::Schedule(ScheduleEvent { id, start_stop })
+    }
+
+    /// A region scheduled for 10 ms that schedules one operator for 3 ms and another twice
+    /// for 2 ms: the region's own time is what its children did not take.
+    #[test]
+    fn nested_operators_are_taken_out_of_their_parents_time() {
+        let mut t = Totals::default();
+        for (id, name) in [(1, "region"), (2, "a"), (3, "b")] {
+            let op = OperatesEvent {
+                id,
+                addr: vec![0, id],
+                name: name.into(),
+            };
+            t.record(ms(0), &TimelyEvent::Operates(op));
+        }
+        let log = [
+            (0, schedule(1, StartStop::Start)),
+            (1, schedule(2, StartStop::Start)),
+            (4, schedule(2, StartStop::Stop)),
+            (5, schedule(3, StartStop::Start)),
+            (7, schedule(3, StartStop::Stop)),
+            (7, schedule(3, StartStop::Start)),
+            (9, schedule(3, StartStop::Stop)),
+            (10, schedule(1, StartStop::Stop)),
+            // A top-level operator after the region: nothing nests in it.
+            (12, schedule(3, StartStop::Start)),
+            (13, schedule(3, StartStop::Stop)),
+        ];
+        for (at, event) in &log {
+            t.record(ms(*at), event);
+        }
+        assert_eq!(t.own[&1], (ms(3), 1));
+        assert_eq!(t.own[&2], (ms(3), 1));
+        assert_eq!(t.own[&3], (ms(5), 3));
+        assert_eq!(t.last, ms(13));
+        assert!(t.open.is_empty());
+        let report = OperatorTimes {
+            totals: Rc::new(RefCell::new(t)),
+            worker: 0,
+        }
+        .report();
+        let rows: Vec<&str> = report.lines().collect();
+        assert_eq!(
+            rows[0],
+            "operator times, worker 0: 0.013 s logged, 0.011 s in operators"
+        );
+        assert!(rows[1].ends_with("b (#3)"), "longest first: {report}");
+        assert_eq!(rows.len(), 4, "{report}");
+    }
+}
