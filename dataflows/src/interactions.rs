@@ -14,7 +14,8 @@
 //! [`Affinity::Purchased`] (multiplicity = purchases of the item).
 //!
 //! Cost per event: O(log n + K) in the user's in-horizon touches. Memory: one entry per item
-//! event within the horizon, plus one record per (user, purchased item).
+//! event within the horizon (inline while an item has one touch), plus one record per (user,
+//! purchased item).
 
 use crate::event::{newest_items, release_to, Event, NameOrder, PendingByTime, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
@@ -63,30 +64,100 @@ impl InteractionConfig {
     }
 }
 
-/// One item's in-horizon touches by one user.
+/// One item's in-horizon touches by one user. Most items are touched once within the
+/// horizon, so a single touch is kept inline; ordered maps (one node allocation each, sized
+/// for a dozen entries) only from the second.
 #[derive(Default)]
-struct Touches {
-    /// `(ts, event id)` → (weight, multiplicity).
-    times: BTreeMap<(u64, u64), (u32, u64)>,
-    /// weight → number of touches with it.
-    weights: BTreeMap<u32, u64>,
+enum Touches {
+    #[default]
+    None,
+    /// `(ts, event id)`, its weight and multiplicity.
+    One((u64, u64), u32, u64),
+    Many {
+        /// `(ts, event id)` → (weight, multiplicity).
+        times: BTreeMap<(u64, u64), (u32, u64)>,
+        /// weight → number of touches with it.
+        weights: BTreeMap<u32, u64>,
+    },
 }
 
 impl Touches {
     fn latest(&self) -> Option<u64> {
-        self.times.keys().next_back().map(|(ts, _)| *ts)
+        match self {
+            Touches::None => None,
+            Touches::One((ts, _), ..) => Some(*ts),
+            Touches::Many { times, .. } => times.keys().next_back().map(|(ts, _)| *ts),
+        }
     }
     fn weight(&self) -> u32 {
-        self.weights.keys().next_back().copied().unwrap_or(0)
+        match self {
+            Touches::None => 0,
+            Touches::One(_, w, _) => *w,
+            Touches::Many { weights, .. } => weights.keys().next_back().copied().unwrap_or(0),
+        }
     }
     fn returned(&self) -> bool {
-        self.times.len() > 1
+        matches!(self, Touches::Many { times, .. } if times.len() > 1)
     }
-    fn unweigh(&mut self, w: u32, n: u64) {
-        if let Some(c) = self.weights.get_mut(&w) {
-            *c = c.saturating_sub(n);
-            if *c == 0 {
-                self.weights.remove(&w);
+
+    /// Adds `n` touches of `key`; returns whether the touch is new.
+    fn add(&mut self, key: (u64, u64), weight: u32, n: u64) -> bool {
+        match self {
+            Touches::None => {
+                *self = Touches::One(key, weight, n);
+                return true;
+            }
+            Touches::One(k, w, count) if *k == key && *w == weight => {
+                *count += n;
+                return false;
+            }
+            Touches::One(k, w, count) => {
+                let (k, w, count) = (*k, *w, *count);
+                *self = Touches::Many {
+                    times: BTreeMap::from([(k, (w, count))]),
+                    weights: BTreeMap::from([(w, count)]),
+                };
+            }
+            Touches::Many { .. } => {}
+        }
+        let Touches::Many { times, weights } = self else {
+            unreachable!("promoted above");
+        };
+        let entry = times.entry(key).or_insert((weight, 0));
+        let new = entry.1 == 0;
+        entry.1 += n;
+        *weights.entry(weight).or_insert(0) += n;
+        new
+    }
+
+    /// Removes up to `n` touches of `key` (all of them with `None`).
+    fn remove(&mut self, key: (u64, u64), n: Option<u64>) {
+        match self {
+            Touches::None => {}
+            Touches::One(k, _, count) => {
+                if *k == key {
+                    *count -= n.unwrap_or(*count).min(*count);
+                    if *count == 0 {
+                        *self = Touches::None;
+                    }
+                }
+            }
+            Touches::Many { times, weights } => {
+                let Some(entry) = times.get_mut(&key) else {
+                    return;
+                };
+                let removed = n.unwrap_or(entry.1).min(entry.1);
+                entry.1 -= removed;
+                let w = entry.0;
+                if entry.1 == 0 {
+                    times.remove(&key);
+                }
+                if let Some(c) = weights.get_mut(&w) {
+                    *c = c.saturating_sub(removed);
+                    if *c == 0 {
+                        weights.remove(&w);
+                    }
+                }
             }
         }
     }
@@ -103,10 +174,10 @@ struct UserItems {
 
 impl UserItems {
     /// Applies `f` to the touches of `item` and keeps `latest` in step.
-    fn with_item(&mut self, item: u64, f: impl FnOnce(&mut Touches)) {
+    fn with_item<R>(&mut self, item: u64, f: impl FnOnce(&mut Touches) -> R) -> R {
         let touches = self.items.entry(item).or_default();
         let before = touches.latest();
-        f(touches);
+        let r = f(touches);
         let after = touches.latest();
         if after.is_none() {
             self.items.remove(&item);
@@ -119,38 +190,25 @@ impl UserItems {
                 self.latest.insert((Reverse(t), item));
             }
         }
+        r
     }
 
     /// Adds (or removes) `n` touches; returns whether the touch is new.
     fn apply(&mut self, item: u64, ts: u64, id: u64, weight: u32, diff: i64) -> bool {
-        let mut new = false;
         let n = diff.unsigned_abs();
         self.with_item(item, |t| {
             if diff > 0 {
-                let entry = t.times.entry((ts, id)).or_insert((weight, 0));
-                new = entry.1 == 0;
-                entry.1 += n;
-                *t.weights.entry(weight).or_insert(0) += n;
-            } else if let Some(entry) = t.times.get_mut(&(ts, id)) {
-                let removed = entry.1.min(n);
-                entry.1 -= removed;
-                let w = entry.0;
-                if entry.1 == 0 {
-                    t.times.remove(&(ts, id));
-                }
-                t.unweigh(w, removed);
+                t.add((ts, id), weight, n)
+            } else {
+                t.remove((ts, id), Some(n));
+                false
             }
-        });
-        new
+        })
     }
 
     /// Drops a touch that aged out (all its multiplicity).
     fn expire(&mut self, item: u64, ts: u64, id: u64) {
-        self.with_item(item, |t| {
-            if let Some((w, n)) = t.times.remove(&(ts, id)) {
-                t.unweigh(w, n);
-            }
-        });
+        self.with_item(item, |t| t.remove((ts, id), None));
     }
 
     /// The current recent set, sorted by item.
@@ -345,6 +403,13 @@ mod tests {
         u.expire(12, 3, 4);
         assert_eq!(u.recent(2, &names), vec![(10, 1000, false)]);
         u.expire(10, 1, 1);
+        assert!(u.items.is_empty() && u.latest.is_empty());
+        // One touch twice (multiplicity 2), one retraction: the touch stays, and is not a return.
+        assert!(u.apply(20, 5, 9, 1000, 1));
+        assert!(!u.apply(20, 5, 9, 1000, 1));
+        u.apply(20, 5, 9, 1000, -1);
+        assert_eq!(u.recent(2, &names), vec![(20, 1000, false)]);
+        u.expire(20, 5, 9);
         assert!(u.items.is_empty() && u.latest.is_empty());
     }
 }
