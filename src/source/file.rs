@@ -188,8 +188,10 @@ impl LineSource {
     }
 }
 
+/// Every worker scans the whole log for line ends (it takes every N-th line), so this search
+/// runs over N times the log's bytes: a vectorised one.
 fn memchr(haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|b| *b == b'\n')
+    memchr::memchr(b'\n', haystack)
 }
 
 #[cfg(test)]
