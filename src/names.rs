@@ -5,6 +5,7 @@
 //! that SPEC §4 defines on strings. A 64-bit hash makes a collision between two distinct ids
 //! vanishingly unlikely (about 2^-64 per pair); it is not detected.
 
+use compact_str::CompactString;
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
 use persona_dataflows::{NameOrder, NO_ITEM, SEALED_ID};
@@ -24,8 +25,9 @@ pub fn hash(s: &str) -> u64 {
 pub struct Names {
     table: Arc<DashMap<u64, Arc<str>, RandomState>>,
     /// Event ids, kept apart: only the `last_device` tie rule reads them, and only until the
-    /// event's detail is sealed (`engine.retention`), when they are forgotten.
-    event_ids: Arc<DashMap<u64, Arc<str>, RandomState>>,
+    /// event's detail is sealed (`engine.retention`), when they are forgotten. One per device
+    /// event: ids of up to 24 bytes are stored inline, without an allocation each.
+    event_ids: Arc<DashMap<u64, CompactString, RandomState>>,
     /// Unique per table (clones share it), for the per-thread cache.
     id: u64,
 }
@@ -84,7 +86,7 @@ impl Names {
     pub fn get(&self, h: u64) -> Option<Arc<str>> {
         match self.table.get(&h) {
             Some(s) => Some(s.clone()),
-            None => self.event_ids.get(&h).map(|s| s.clone()),
+            None => self.event_ids.get(&h).map(|s| Arc::from(s.as_str())),
         }
     }
 
@@ -92,14 +94,18 @@ impl Names {
     pub fn intern_event_id(&self, s: &str) -> u64 {
         let h = hash(s);
         // Event ids are nearly all new: one write lookup, not a read and then a write.
-        self.event_ids.entry(h).or_insert_with(|| Arc::from(s));
+        self.event_ids
+            .entry(h)
+            .or_insert_with(|| CompactString::new(s));
         h
     }
 
     /// Remembers `s` as the event id of `h` (announced by another process of a cluster).
     pub fn insert_event_id(&self, h: u64, s: &str) {
         if !self.event_ids.contains_key(&h) {
-            self.event_ids.entry(h).or_insert_with(|| Arc::from(s));
+            self.event_ids
+                .entry(h)
+                .or_insert_with(|| CompactString::new(s));
         }
     }
 
@@ -126,7 +132,7 @@ impl Names {
         let names = self.clone();
         let get = move |h: u64| match names.event_ids.get(&h) {
             Some(s) => Some(s.clone()),
-            None => names.table.get(&h).map(|s| s.clone()),
+            None => names.table.get(&h).map(|s| CompactString::new(&**s)),
         };
         Arc::new(move |a: u64, b: u64| {
             if a == b {
