@@ -20,10 +20,10 @@ use crate::config::Cluster;
 use crate::names::Names;
 use differential_dataflow::input::{Input, InputSession};
 use differential_dataflow::{AsCollection, VecCollection};
-use persona_dataflows::event::PendingByTime;
+use persona_dataflows::event::Pending;
 use persona_dataflows::{route_hash, Event, Time};
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use timely::dataflow::channels::pact::Pipeline;
@@ -158,24 +158,23 @@ where
             Pipeline,
             "AfterNames",
             |_, _| {
-                let mut held: PendingByTime<(D, Time, isize)> = BTreeMap::new();
+                let mut held: Pending<(D, Time, isize)> = Pending::default();
                 move |(input, _), (names, names_frontier), output| {
                     input.for_each(|cap, data| {
                         for (d, t, r) in data.drain(..) {
-                            held.entry(t)
-                                .or_insert_with(|| (cap.delayed(&t, 0), Vec::new()))
-                                .1
-                                .push((d, t, r));
+                            held.at(&cap, t).push((d, t, r));
                         }
                     });
                     names.for_each(|_, _| {});
-                    while let Some(entry) = held.first_entry() {
-                        if names_frontier.frontier().less_equal(entry.key()) {
-                            break;
+                    if let Some(cap) = held.held.clone() {
+                        let mut session = output.session(&cap);
+                        while let Some((_, mut data)) =
+                            held.next_complete(|t| !names_frontier.frontier().less_equal(t))
+                        {
+                            session.give_container(&mut data);
                         }
-                        let (cap, mut data) = entry.remove();
-                        output.session(&cap).give_container(&mut data);
                     }
+                    held.release();
                 }
             },
         )

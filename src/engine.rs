@@ -57,6 +57,10 @@ pub enum Mode {
         events: PathBuf,
         catalog: Option<PathBuf>,
         serve: bool,
+        /// Enter each event at the clock as it stands once it is read, rather than a whole
+        /// batch at the clock after it: the triggers then follow the log record by record,
+        /// whatever the batching, at a cost in speed (one time per distinct clock value).
+        record_clock: bool,
     },
     /// Read the configured source (following it if configured) until stopped.
     Run,
@@ -682,6 +686,30 @@ fn clock_basis(own: Option<u64>, feed: &Feed, cut: &BatchCut, global: impl FnOnc
     basis.unwrap_or_else(global)
 }
 
+/// The time each event of a replayed batch enters at: the clock as it stands once the event is
+/// read, as if the clock moved record by record. `before` is the clock before the batch,
+/// `max_before` the worker's largest `ts` before it; the times never decrease and stay within
+/// `limit` ([`BatchCut::entry_limit`]) unless the clock already passed it. Control records do not
+/// move the clock.
+fn record_times(
+    batch: &[Event],
+    (before, max_before): (Time, u64),
+    lateness: u64,
+    limit: Time,
+    controls: persona_dataflows::ControlKinds,
+) -> Vec<Time> {
+    let mut newest = max_before;
+    batch
+        .iter()
+        .map(|e| {
+            if !controls.is_control(e) {
+                newest = newest.max(e.ts);
+            }
+            before.max(newest.saturating_sub(lateness).min(limit))
+        })
+        .collect()
+}
+
 /// Starts a batch with the event that ended the last one, if any; returns how many it took.
 fn start_batch(
     cut: &mut BatchCut,
@@ -881,11 +909,19 @@ fn run_worker(
     // This process's workers are global indices `process * workers ..`.
     let local = index % settings.workers;
     let queries = shared.router.attach(local);
+    let record_clock = matches!(
+        mode,
+        Mode::Replay {
+            record_clock: true,
+            ..
+        }
+    );
     let (events_path, catalog_path, follow, clock_mode, replay, serve_after) = match mode {
         Mode::Replay {
             events,
             catalog,
             serve,
+            ..
         } => (
             events.clone(),
             catalog.clone(),
@@ -1345,6 +1381,12 @@ fn run_worker(
                 .map(|e| e.ts)
                 .max()
                 .unwrap_or(0);
+            // With `record_clock`, each event enters at the clock as it stands once that event
+            // is read (see `record_times`): its windows and segments see it at its own time,
+            // whatever the batching. Otherwise the whole batch enters at the clock after it.
+            let per_record =
+                (record_clock && clock_mode == ClockMode::Event && final_time.is_none())
+                    .then_some((clock, worker_max_ts));
             worker_max_ts = worker_max_ts.max(local_max);
             if let Some(m) = inputs.max_ts.as_mut() {
                 m.offer(worker_max_ts);
@@ -1362,7 +1404,9 @@ fn run_worker(
                 let basis = clock_basis(own, &feed, &cut, || seen);
                 let entry = basis.saturating_sub(settings.allowed_lateness_ms);
                 clock = clock.max(entry.min(cut.entry_limit()));
-                inputs.advance_to(clock);
+                if per_record.is_none() {
+                    inputs.advance_to(clock);
+                }
             }
             if let Some(n) = inputs.names.as_mut() {
                 for event in &batch {
@@ -1370,10 +1414,27 @@ fn run_worker(
                 }
             }
             if let Some(input) = inputs.events.as_mut() {
-                for event in batch.drain(..) {
-                    input.update(event, 1);
+                match per_record {
+                    Some((before, max_before)) => {
+                        let times = record_times(
+                            &batch,
+                            (before, max_before),
+                            settings.allowed_lateness_ms,
+                            cut.entry_limit(),
+                            shared.controls,
+                        );
+                        for (event, t) in batch.drain(..).zip(times) {
+                            input.update_at(event, t, 1);
+                        }
+                    }
+                    None => {
+                        for event in batch.drain(..) {
+                            input.update(event, 1);
+                        }
+                    }
                 }
             }
+            inputs.advance_to(clock);
             if let (true, Some([ends, _])) = (input_done, agreements.as_mut()) {
                 ends.offer(worker_max_ts);
             }

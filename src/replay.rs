@@ -123,6 +123,8 @@ pub fn replay(
         events: events.to_path_buf(),
         catalog: catalog.map(Path::to_path_buf),
         serve,
+        // Only the triggers show the times events enter at; the dump does not depend on them.
+        record_clock: triggers.is_some(),
     };
     let guards = engine::start(shared.clone(), mode, Some(tx))?;
     // After the start: in a cluster that is when every process has connected.

@@ -2,8 +2,8 @@
 //! duplicates, conflicting copies, late events and bad lines, replayed with 1, 2 and 3 workers.
 //!
 //! The reference knows when each line enters the engine: a replaying worker reads its share of
-//! the log (line `i` goes to worker `i % workers`) in one batch for logs this small, and enters it
-//! at its own largest `ts` less `allowed_lateness`. Membership at time `t` is then the default
+//! the log (line `i` goes to worker `i % workers`), and with `--triggers` enters each line at its
+//! clock once that line is read, the largest `ts` of its share so far less `allowed_lateness`. Membership at time `t` is then the default
 //! config's rules, written out by hand ([`support::reference::segments`]), over the reference
 //! profile at `now = t` of the lines entered by `t`. The expected triggers are the changes of
 //! that membership between the times at which anything can change (entries, event times, and
@@ -135,23 +135,21 @@ fn expected(lines: &[String], workers: usize) -> Vec<Trigger> {
         .iter()
         .map(|l| reference::validate(l).map(|e| e.ts))
         .collect();
-    // Each worker enters its whole share at its own largest ts less the lateness.
-    let clocks: Vec<u64> = (0..workers)
-        .map(|w| {
-            let max = (w..lines.len())
-                .step_by(workers)
-                .filter_map(|i| valid[i])
-                .max()
-                .unwrap_or(0);
-            max.saturating_sub(LATENESS)
+    // Each worker enters each line of its share at its clock once that line is read: the
+    // largest ts of its share so far, less the lateness.
+    let mut newest = vec![0u64; workers];
+    let entry: Vec<u64> = (0..lines.len())
+        .map(|i| {
+            let w = i % workers;
+            newest[w] = newest[w].max(valid[i].unwrap_or(0));
+            newest[w].saturating_sub(LATENESS)
         })
         .collect();
-    let entry: Vec<u64> = (0..lines.len()).map(|i| clocks[i % workers]).collect();
     // The replay's last time is the largest ts parsed (a dropped conflicting copy's included).
     let Some(end) = valid.iter().flatten().max().copied() else {
         return Vec::new();
     };
-    let mut times: BTreeSet<u64> = clocks.iter().copied().collect();
+    let mut times: BTreeSet<u64> = entry.iter().copied().collect();
     for ts in valid.iter().flatten() {
         for d in [0, 24 * HOUR, 7 * 24 * HOUR] {
             times.insert(ts + d);
@@ -280,6 +278,47 @@ proptest! {
     }
 }
 
+/// Each event's effects happen at its own `ts`, though the log enters in one batch: a cart
+/// left a day before the log ends enters `cart_abandoner` and leaves it 24 hours later, and a
+/// purchase a second after a cart is a second of membership.
+#[test]
+fn triggers_follow_the_log_record_by_record() {
+    let t = BASE;
+    let lines = [
+        serde_json::json!({"event_id": "t1", "user_id": "tu", "type": "add_to_cart", "ts": t,
+            "item_id": "a", "device": {"type": "mobile"}}),
+        serde_json::json!({"event_id": "t2", "user_id": "tu", "type": "purchase", "ts": t + 1_000,
+            "item_id": "a", "value": 1.0}),
+        serde_json::json!({"event_id": "t3", "user_id": "tu", "type": "click", "ts": t + 2_000,
+            "device": {"type": "desktop"}}),
+        serde_json::json!({"event_id": "t4", "user_id": "tv", "type": "add_to_cart",
+            "ts": t + 3_000, "item_id": "a"}),
+        serde_json::json!({"event_id": "t5", "user_id": "tw", "type": "click",
+            "ts": t + 100_000_000}),
+    ]
+    .map(|v| v.to_string());
+    let trigger =
+        |u: &str, at: u64, s: &str, c: &str| (u.to_string(), at, s.to_string(), c.to_string());
+    let mut want = vec![
+        trigger("tu", t, "cart_abandoner", "enter"),
+        trigger("tu", t, "mobile", "enter"),
+        trigger("tu", t + 1_000, "buyer", "enter"),
+        trigger("tu", t + 1_000, "cart_abandoner", "exit"),
+        trigger("tu", t + 2_000, "mobile", "exit"),
+        trigger("tv", t + 3_000, "cart_abandoner", "enter"),
+        trigger("tv", t + 3_000 + 24 * HOUR, "cart_abandoner", "exit"),
+    ];
+    want.sort();
+    for workers in [1, 2] {
+        let (got, _) = replay_with(
+            &lines,
+            workers,
+            Some("[engine]\nallowed_lateness = \"0s\"\n"),
+        );
+        assert_eq!(got, want, "{workers} workers");
+    }
+}
+
 /// The same log replayed twice gives the same trigger sequence.
 #[test]
 fn replaying_twice_gives_the_same_triggers() {
@@ -336,8 +375,8 @@ fn rules_read_only_the_types_they_name() {
             lines.push(line(lines.len(), user, kind, *m));
         }
     };
-    // A log this small enters in one batch at its end: two clicks in its last hour are busy,
-    // and page views around them count for nothing; a search among them is not.
+    // The log ends at minute 180: two clicks in its last hour are busy, and page views around
+    // them count for nothing; a search among them is not.
     add("clicker", "click", &[170, 175]);
     add("clicker", "page_view", &[171, 172, 173]);
     add("searcher", "click", &[170, 175]);

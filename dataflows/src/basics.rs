@@ -36,9 +36,7 @@
 //! [`Basics`] per user. (Counts by type and devices are additive and live in
 //! [`crate::counts`].)
 
-use crate::event::{
-    newest_items, Device, Event, Forget, NameOrder, PendingByTime, Time, UserKey, NANOS,
-};
+use crate::event::{newest_items, Device, Event, Forget, NameOrder, Pending, Time, UserKey, NANOS};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
@@ -183,7 +181,11 @@ impl UserState {
 
     fn add_spend(&mut self, e: &Event, diff: i64, purchase_kind: u64) {
         if e.kind == purchase_kind {
-            self.spend_nanos += e.value_nanos() * diff as i128;
+            // Saturating: a sum beyond 128 bits is out of reach of bounded values, but a
+            // wrapped one would turn negative.
+            self.spend_nanos = self
+                .spend_nanos
+                .saturating_add(e.value_nanos().saturating_mul(diff as i128));
         }
     }
 
@@ -533,94 +535,91 @@ pub fn basics<'s>(
     let out = events
         .inner
         .unary_frontier(pact, "Basics", move |_cap, _info| {
-            let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
+            let mut pending: Pending<(Event, isize)> = Pending::default();
             let users = shared;
             // (due time, user): when to visit a user to seal its oldest detail.
             let mut queue: BinaryHeap<Reverse<(Time, u64)>> = BinaryHeap::new();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     for (event, time, diff) in data.drain(..) {
-                        pending
-                            .entry(time)
-                            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
-                            .1
-                            .push((event, diff));
+                        pending.at(&cap, time).push((event, diff));
                     }
                 });
                 let mut users = users.borrow_mut();
-                while let Some(entry) = pending.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (time, (cap, mut batch)) = entry.remove_entry();
-                    let seal = retention_ms.and_then(|r| time.checked_sub(r));
-                    // A restore's detail is applied as it was before the restart; the visits
-                    // seal it afterwards.
-                    let judged = seal.filter(|_| restore_time != Some(time));
-                    if let (Some(seal), Some(r)) = (seal, retention_ms) {
-                        while let Some(&Reverse((due, user))) = queue.peek() {
-                            if due > time {
-                                break;
-                            }
-                            queue.pop();
-                            if let Some(state) = users.get_mut(&user) {
-                                state.queued = false;
-                                state.seal(seal, &ids, forget.as_ref());
-                                requeue(state, user, r, &mut queue);
-                            }
-                        }
-                    }
-                    // By user, each user's events in their order: a user's state is looked up
-                    // once, and is still in cache when its new basics are read.
-                    batch.sort_by_key(|(event, _)| event.user);
+                if let Some(cap) = pending.held.clone() {
                     let mut session = output.session(&cap);
-                    for run in batch.chunk_by(|(a, _), (b, _)| a.user == b.user) {
-                        let user = run[0].0.user;
-                        let state = users.entry(user).or_default();
-                        for (event, diff) in run {
-                            let diff = *diff as i64;
-                            if let Some(seal) =
-                                judged.filter(|s| event.is_sealed() || event.ts <= *s)
-                            {
-                                // Judged against exactly what the gate has sealed by now.
-                                state.seal(seal, &ids, forget.as_ref());
-                            }
-                            if event.is_sealed() {
-                                // A retraction withdraws the whole sealed part; a restore's
-                                // sealed records only bring its counts and spend back.
-                                if diff < 0 {
-                                    state.clear_sealed(session_gap_ms);
+                    while let Some((time, mut batch)) =
+                        pending.next_complete(|t| !frontier.less_equal(t))
+                    {
+                        let seal = retention_ms.and_then(|r| time.checked_sub(r));
+                        // A restore's detail is applied as it was before the restart; the visits
+                        // seal it afterwards.
+                        let judged = seal.filter(|_| restore_time != Some(time));
+                        if let (Some(seal), Some(r)) = (seal, retention_ms) {
+                            while let Some(&Reverse((due, user))) = queue.peek() {
+                                if due > time {
+                                    break;
                                 }
-                                let n = diff.unsigned_abs();
-                                state.events = if diff > 0 {
-                                    state.events + n
+                                queue.pop();
+                                if let Some(state) = users.get_mut(&user) {
+                                    state.queued = false;
+                                    state.seal(seal, &ids, forget.as_ref());
+                                    requeue(state, user, r, &mut queue);
+                                }
+                            }
+                        }
+                        // By user, each user's events in their order: a user's state is looked up
+                        // once, and is still in cache when its new basics are read.
+                        batch.sort_by_key(|(event, _)| event.user);
+                        for run in batch.chunk_by(|(a, _), (b, _)| a.user == b.user) {
+                            let user = run[0].0.user;
+                            let state = users.entry(user).or_default();
+                            for (event, diff) in run {
+                                let diff = *diff as i64;
+                                if let Some(seal) =
+                                    judged.filter(|s| event.is_sealed() || event.ts <= *s)
+                                {
+                                    // Judged against exactly what the gate has sealed by now.
+                                    state.seal(seal, &ids, forget.as_ref());
+                                }
+                                if event.is_sealed() {
+                                    // A retraction withdraws the whole sealed part; a restore's
+                                    // sealed records only bring its counts and spend back.
+                                    if diff < 0 {
+                                        state.clear_sealed(session_gap_ms);
+                                    }
+                                    let n = diff.unsigned_abs();
+                                    state.events = if diff > 0 {
+                                        state.events + n
+                                    } else {
+                                        state.events.saturating_sub(n)
+                                    };
+                                    state.add_spend(event, diff, purchase_kind);
                                 } else {
-                                    state.events.saturating_sub(n)
-                                };
-                                state.add_spend(event, diff, purchase_kind);
-                            } else {
-                                state.apply(event, diff, session_gap_ms, purchase_kind);
-                                if let Some(r) = retention_ms {
-                                    requeue(state, event.user, r, &mut queue);
+                                    state.apply(event, diff, session_gap_ms, purchase_kind);
+                                    if let Some(r) = retention_ms {
+                                        requeue(state, event.user, r, &mut queue);
+                                    }
                                 }
                             }
-                        }
-                        let new = state.basics(&names, &ids);
-                        if new == state.emitted {
-                            continue;
-                        }
-                        if let Some(old) = state.emitted.take() {
-                            session.give(((UserKey(user), old), time, -1isize));
-                        }
-                        if let Some(b) = new {
-                            session.give(((UserKey(user), b), time, 1isize));
-                        }
-                        state.emitted = new;
-                        if state.is_empty() {
-                            users.remove(&user);
+                            let new = state.basics(&names, &ids);
+                            if new == state.emitted {
+                                continue;
+                            }
+                            if let Some(old) = state.emitted.take() {
+                                session.give(((UserKey(user), old), time, -1isize));
+                            }
+                            if let Some(b) = new {
+                                session.give(((UserKey(user), b), time, 1isize));
+                            }
+                            state.emitted = new;
+                            if state.is_empty() {
+                                users.remove(&user);
+                            }
                         }
                     }
                 }
+                pending.release();
                 frontier_seen.set(frontier.frontier().first().copied());
             }
         })

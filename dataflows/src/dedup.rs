@@ -13,16 +13,19 @@
 //!   is the one a from-scratch run over the same prefix would keep.
 //! * A duplicate arriving more than `horizon` after the first copy is counted again: the
 //!   horizon is what bounds this operator's memory.
+//! * A copy counts as conflicting when it is a version of its id (content) not seen before, so
+//!   that the count (versions beyond the first) does not depend on the arrival order or on how
+//!   ids spread over workers. The versions are kept only for ids that have more than one.
 //!
 //! Cost: O(1) hash-map work per event (O(log n) more for an id entered before its ts); memory:
 //! one entry per id within its horizon.
 
-use crate::event::{Event, PendingByTime, Time};
+use crate::event::{Event, Pending, Time};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry as Slot;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -32,7 +35,8 @@ pub trait DedupObserver: Send + Sync {
     /// `n` new event ids were accepted (told once per batch: a shared counter bumped per event
     /// from every worker costs more than the count).
     fn accepted(&self, n: u64);
-    /// A copy of a known id was dropped or replaced the kept event; `conflicting` if it differed.
+    /// A copy of a known id was dropped or replaced the kept event; `conflicting` if it is a
+    /// version of the id not seen before.
     fn duplicate(&self, conflicting: bool);
 }
 
@@ -50,8 +54,10 @@ pub fn dedup<'s>(
     events
         .inner
         .unary_frontier(pact, "Dedup", move |_cap, _info| {
-            let mut pending: PendingByTime<Event> = BTreeMap::new();
+            let mut pending: Pending<Event> = Pending::default();
             let mut seen: HashMap<u64, Entry> = HashMap::default();
+            // Every version seen of each id that has more than one.
+            let mut versions: HashMap<u64, Vec<Event>> = HashMap::default();
             let mut expiry = Expiry::default();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
@@ -59,54 +65,65 @@ pub fn dedup<'s>(
                         if diff <= 0 {
                             continue; // raw events are only ever inserted
                         }
-                        let slot = pending
-                            .entry(time)
-                            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
+                        let slot = pending.at(&cap, time);
                         for _ in 0..diff {
-                            slot.1.push(event);
+                            slot.push(event);
                         }
                     }
                 });
                 // Process complete times, oldest first.
-                while let Some(entry) = pending.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (time, (cap, mut batch)) = entry.remove_entry();
-                    // A copy at `time` counts again if its id's horizon ended at or before it,
-                    // however the times were batched.
-                    expiry.forget(&mut seen, horizon, |expires| expires <= time);
-                    batch.sort_unstable();
+                if let Some(cap) = pending.held.clone() {
                     let mut session = output.session(&cap);
-                    let mut accepted = 0;
-                    for event in batch {
-                        match seen.entry(event.id) {
-                            Slot::Vacant(slot) => {
-                                slot.insert(Entry { kept: event });
-                                expiry
-                                    .fifo
-                                    .push_back((time.saturating_add(horizon), event.id));
-                                accepted += 1;
-                                session.give((event, time, 1isize));
-                            }
-                            Slot::Occupied(mut slot) => {
-                                let entry = slot.get_mut();
-                                stats.duplicate(entry.kept != event);
-                                // Conflicting and smaller: the tie rule says it replaces the kept one.
-                                if event < entry.kept {
-                                    session.give((entry.kept, time, -1isize));
+                    while let Some((time, mut batch)) =
+                        pending.next_complete(|t| !frontier.less_equal(t))
+                    {
+                        // A copy at `time` counts again if its id's horizon ended at or before it,
+                        // however the times were batched.
+                        expiry.forget((&mut seen, &mut versions), horizon, |expires| {
+                            expires <= time
+                        });
+                        batch.sort_unstable();
+                        let mut accepted = 0;
+                        for event in batch {
+                            match seen.entry(event.id) {
+                                Slot::Vacant(slot) => {
+                                    slot.insert(Entry { kept: event });
+                                    expiry
+                                        .fifo
+                                        .push_back((time.saturating_add(horizon), event.id));
+                                    accepted += 1;
                                     session.give((event, time, 1isize));
-                                    entry.kept = event;
+                                }
+                                Slot::Occupied(mut slot) => {
+                                    let entry = slot.get_mut();
+                                    let new_version = entry.kept != event && {
+                                        let known = versions
+                                            .entry(event.id)
+                                            .or_insert_with(|| vec![entry.kept]);
+                                        let new = !known.contains(&event);
+                                        if new {
+                                            known.push(event);
+                                        }
+                                        new
+                                    };
+                                    stats.duplicate(new_version);
+                                    // Conflicting and smaller: the tie rule says it replaces the kept one.
+                                    if event < entry.kept {
+                                        session.give((entry.kept, time, -1isize));
+                                        session.give((event, time, 1isize));
+                                        entry.kept = event;
+                                    }
                                 }
                             }
                         }
-                    }
-                    if accepted > 0 {
-                        stats.accepted(accepted);
+                        if accepted > 0 {
+                            stats.accepted(accepted);
+                        }
                     }
                 }
+                pending.release();
                 // Forget the ids no time still to come remembers.
-                expiry.forget(&mut seen, horizon, |expires| {
+                expiry.forget((&mut seen, &mut versions), horizon, |expires| {
                     !frontier.frontier().iter().any(|f| *f < expires)
                 });
             }
@@ -127,7 +144,7 @@ impl Expiry {
     /// Forgets the ids whose horizon has `ended`.
     fn forget(
         &mut self,
-        seen: &mut HashMap<u64, Entry>,
+        (seen, versions): (&mut HashMap<u64, Entry>, &mut HashMap<u64, Vec<Event>>),
         horizon: u64,
         ended: impl Fn(Time) -> bool,
     ) {
@@ -140,6 +157,7 @@ impl Expiry {
                 Some(by_ts) if !ended(by_ts) => self.later.push(Reverse((by_ts, id))),
                 _ => {
                     seen.remove(&id);
+                    versions.remove(&id);
                 }
             }
         }
@@ -149,6 +167,7 @@ impl Expiry {
             }
             self.later.pop();
             seen.remove(&id);
+            versions.remove(&id);
         }
     }
 }
@@ -211,6 +230,60 @@ mod tests {
             v.sort_by_key(|&(id, t)| (t, id));
             v
         })
+    }
+
+    /// Counts duplicates and conflicting ones.
+    #[derive(Default)]
+    struct Counts(std::sync::Mutex<(u64, u64)>);
+    impl DedupObserver for Counts {
+        fn accepted(&self, _: u64) {}
+        fn duplicate(&self, conflicting: bool) {
+            let mut c = self.0.lock().unwrap();
+            c.0 += 1;
+            c.1 += u64::from(conflicting);
+        }
+    }
+
+    /// `(duplicates, conflicting)` of entering `copies` of one id, one engine time each.
+    fn counted(copies: &[u64]) -> (u64, u64) {
+        let copies = copies.to_vec();
+        let counts = Arc::new(Counts::default());
+        let observer = counts.clone();
+        timely::execute_directly(move |worker| {
+            let mut input = InputSession::<Time, Event, isize>::new();
+            worker.dataflow(|scope| {
+                dedup(input.to_collection(scope), 1_000, observer.clone());
+            });
+            for (time, &ts) in copies.iter().enumerate() {
+                input.advance_to(time as u64);
+                input.insert(ev(7, ts));
+                input.flush();
+                worker.step();
+            }
+            input.close();
+            while worker.step() {}
+        });
+        let c = *counts.0.lock().unwrap();
+        c
+    }
+
+    /// A copy conflicts when it is a version not seen before: the count does not depend on the
+    /// order the copies arrive in (nor, then, on how a log's lines spread over workers).
+    #[test]
+    fn conflicting_copies_are_new_versions_whatever_the_order() {
+        // Versions 10 (twice), 20 and 5: three duplicates, two versions beyond the first.
+        let copies = [10, 20, 10, 5];
+        let mut orders = vec![copies.to_vec()];
+        for i in 0..copies.len() {
+            for j in 0..copies.len() {
+                let mut o = copies.to_vec();
+                o.swap(i, j);
+                orders.push(o);
+            }
+        }
+        for order in orders {
+            assert_eq!(counted(&order), (3, 2), "arrival order {order:?}");
+        }
     }
 
     /// An id is remembered for the horizon after the later of its entry time and its ts: a

@@ -12,9 +12,54 @@ use std::sync::Arc;
 /// Dataflow time: the engine clock in milliseconds.
 pub type Time = u64;
 
-/// Updates an operator holds until their time is complete, with a capability to emit at it.
-pub type PendingByTime<D> =
-    std::collections::BTreeMap<Time, (timely::dataflow::operators::Capability<Time>, Vec<D>)>;
+/// Updates an operator holds until their time is complete, grouped by time, and one capability
+/// at the earliest of those times. A replay with `--triggers` enters each event at its own
+/// time: one capability (not one per time) costs timely one progress change per activation,
+/// and one output session on it (see [`Pending::held`]) puts every complete time of an
+/// activation into the same messages, not one small message per time.
+pub struct Pending<D> {
+    /// At or before every pending time; clone it for an activation's output session.
+    pub held: Option<timely::dataflow::operators::Capability<Time>>,
+    pub by_time: std::collections::BTreeMap<Time, Vec<D>>,
+}
+
+impl<D> Default for Pending<D> {
+    fn default() -> Self {
+        Pending {
+            held: None,
+            by_time: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl<D> Pending<D> {
+    /// The updates at `time`, brought by a message with capability `cap`.
+    pub fn at(
+        &mut self,
+        cap: &timely::dataflow::operators::InputCapability<Time>,
+        time: Time,
+    ) -> &mut Vec<D> {
+        hold_at(&mut self.held, cap, time);
+        self.by_time.entry(time).or_default()
+    }
+
+    /// The earliest pending time and its updates, if `complete` says that time is.
+    pub fn next_complete(
+        &mut self,
+        complete: impl FnOnce(&Time) -> bool,
+    ) -> Option<(Time, Vec<D>)> {
+        let entry = self.by_time.first_entry()?;
+        if !complete(entry.key()) {
+            return None;
+        }
+        Some(entry.remove_entry())
+    }
+
+    /// Moves the capability up to the earliest time still pending, or drops it.
+    pub fn release(&mut self) {
+        release_to(&mut self.held, self.by_time.keys().next());
+    }
+}
 
 /// Makes `held` a capability at or before `time` (taken from the message that brought it).
 pub(crate) fn hold_at(

@@ -44,17 +44,16 @@
 //! events after their last erasure and last revocation, and within the retention when it is
 //! set), the sealed counts, the erasure time and the consent records of each user that has them.
 
-use crate::event::{route_hash, Device, Event, Time, SEALED_ID};
+use crate::event::{route_hash, Device, Event, Pending, Time, SEALED_ID};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeSet, BinaryHeap};
 use std::rc::Rc;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
 
 /// The event types that are control records, by name hash.
 #[derive(Clone, Copy, Debug)]
@@ -427,7 +426,7 @@ pub fn gate<'s>(
             by_user(),
             "Gate",
             move |_cap, _info| {
-                let mut pending: BTreeMap<Time, (Capability<Time>, Vec<Update>)> = BTreeMap::new();
+                let mut pending: Pending<Update> = Pending::default();
                 let users = shared;
                 let mut changes: Vec<(Event, isize)> = Vec::new();
                 // (due time, user): when to visit a user to seal its oldest held events.
@@ -435,20 +434,14 @@ pub fn gate<'s>(
                 move |(events, events_frontier), (controls, controls_frontier), output| {
                     events.for_each(|cap, data| {
                         for (e, time, diff) in data.drain(..) {
-                            let slot = pending
-                                .entry(time)
-                                .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
-                            slot.1.push(Update::Event(e, diff));
+                            pending.at(&cap, time).push(Update::Event(e, diff));
                         }
                     });
                     controls.for_each(|cap, data| {
                         for (e, time, diff) in data.drain(..) {
                             // Facts: a retraction (none is ever sent) would not undo one.
                             if diff > 0 {
-                                let slot = pending
-                                    .entry(time)
-                                    .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
-                                slot.1.push(if e.is_sealed() {
+                                pending.at(&cap, time).push(if e.is_sealed() {
                                     Update::Sealed(e, diff as u64)
                                 } else {
                                     Update::Control(e)
@@ -456,127 +449,129 @@ pub fn gate<'s>(
                             }
                         }
                     });
-                    while let Some(entry) = pending.first_entry() {
-                        let t = entry.key();
-                        if events_frontier.less_equal(t) || controls_frontier.less_equal(t) {
-                            break;
-                        }
-                        let (time, (cap, mut batch)) = entry.remove_entry();
-                        applied.set(Some(time));
-                        let mut users = users.borrow_mut();
-                        let seal = retention
-                            .as_ref()
-                            .and_then(|r| time.checked_sub(r.retention_ms));
-                        // A restore's records were admitted before: none is too late now.
-                        let judged = seal.filter(|_| {
-                            retention.as_ref().and_then(|r| r.restore_time) != Some(time)
-                        });
-                        if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
-                            let slack = seal_slack(r.retention_ms);
-                            while let Some(&Reverse((due, user))) = queue.peek() {
-                                if due > time {
-                                    break;
-                                }
-                                queue.pop();
-                                let Some(gate) = users.get_mut(&user) else {
-                                    continue;
-                                };
-                                gate.queued = false;
-                                gate.seal(seal);
-                                requeue(gate, user, r.retention_ms + slack, &mut queue);
-                                if gate.is_empty() {
-                                    users.remove(&user);
+                    if let Some(cap) = pending.held.clone() {
+                        let mut session = output.session(&cap);
+                        while let Some((time, mut batch)) = pending.next_complete(|t| {
+                            !events_frontier.less_equal(t) && !controls_frontier.less_equal(t)
+                        }) {
+                            applied.set(Some(time));
+                            let mut users = users.borrow_mut();
+                            let seal = retention
+                                .as_ref()
+                                .and_then(|r| time.checked_sub(r.retention_ms));
+                            // A restore's records were admitted before: none is too late now.
+                            let judged = seal.filter(|_| {
+                                retention.as_ref().and_then(|r| r.restore_time) != Some(time)
+                            });
+                            if let (Some(seal), Some(r)) = (seal, retention.as_ref()) {
+                                let slack = seal_slack(r.retention_ms);
+                                while let Some(&Reverse((due, user))) = queue.peek() {
+                                    if due > time {
+                                        break;
+                                    }
+                                    queue.pop();
+                                    let Some(gate) = users.get_mut(&user) else {
+                                        continue;
+                                    };
+                                    gate.queued = false;
+                                    gate.seal(seal);
+                                    requeue(gate, user, r.retention_ms + slack, &mut queue);
+                                    if gate.is_empty() {
+                                        users.remove(&user);
+                                    }
                                 }
                             }
-                        }
-                        // Controls first: this time's events are judged by this time's rules.
-                        batch.sort_by_key(|u| match u {
-                            Update::Control(_) => 0,
-                            Update::Sealed(..) => 1,
-                            Update::Event(..) => 2,
-                        });
-                        for update in batch {
-                            match update {
-                                Update::Sealed(e, n) => {
-                                    let user = users.entry(e.user).or_default();
-                                    user.sealed
-                                        .get_or_insert_with(|| {
-                                            Box::new(Sealed {
-                                                min_ts: e.ts,
-                                                ..Sealed::default()
+                            // Controls first: this time's events are judged by this time's rules.
+                            batch.sort_by_key(|u| match u {
+                                Update::Control(_) => 0,
+                                Update::Sealed(..) => 1,
+                                Update::Event(..) => 2,
+                            });
+                            for update in batch {
+                                match update {
+                                    Update::Sealed(e, n) => {
+                                        let user = users.entry(e.user).or_default();
+                                        user.sealed
+                                            .get_or_insert_with(|| {
+                                                Box::new(Sealed {
+                                                    min_ts: e.ts,
+                                                    ..Sealed::default()
+                                                })
                                             })
-                                        })
-                                        .add_record(&e, n);
-                                    changes.push((e, n as isize));
-                                }
-                                Update::Control(c) => {
-                                    if let (Some(seal), Some(r)) = (judged, retention.as_ref()) {
-                                        if c.kind == kinds.consent
-                                            && c.value() > 0.0
-                                            && c.ts <= seal
+                                            .add_record(&e, n);
+                                        changes.push((e, n as isize));
+                                    }
+                                    Update::Control(c) => {
+                                        if let (Some(seal), Some(r)) = (judged, retention.as_ref())
                                         {
-                                            r.late.too_late(&c, seal);
-                                            continue;
-                                        }
-                                    }
-                                    let user = users.entry(c.user).or_default();
-                                    if let Some(seal) = seal {
-                                        user.seal(seal);
-                                    }
-                                    control(user, c, &kinds, &mut changes);
-                                }
-                                Update::Event(e, diff) => {
-                                    if let (Some(seal), Some(r)) = (judged, retention.as_ref()) {
-                                        if diff > 0 && e.ts <= seal {
-                                            r.late.too_late(&e, seal);
-                                            continue;
-                                        }
-                                    }
-                                    let user = users.entry(e.user).or_default();
-                                    let bounds = user.bounds();
-                                    // Erased, or before the last revocation: never admitted
-                                    // again (both only grow), so not held either.
-                                    if bounds.0.is_some_and(|to| e.ts <= to) {
-                                        continue;
-                                    }
-                                    if diff > 0 {
-                                        user.held.extend(std::iter::repeat_n(e, diff as usize));
-                                        if let Some(r) = retention.as_ref() {
-                                            let after = r.retention_ms + seal_slack(r.retention_ms);
-                                            requeue(user, e.user, after, &mut queue);
-                                        }
-                                    } else if seal.is_some_and(|s| e.ts <= s) {
-                                        // A retraction of an event old enough to be sealed (a
-                                        // conflicting duplicate later than the retention).
-                                        if let Some(s) = seal {
-                                            user.seal(s);
-                                        }
-                                        let n = unseal(user, &e, diff.unsigned_abs() as u64);
-                                        if n > 0 {
-                                            changes.push((e, -(n as isize)));
-                                        }
-                                        continue;
-                                    } else {
-                                        for _ in 0..diff.unsigned_abs() {
-                                            if let Some(i) = user.held.iter().position(|h| *h == e)
+                                            if c.kind == kinds.consent
+                                                && c.value() > 0.0
+                                                && c.ts <= seal
                                             {
-                                                user.held.swap_remove(i);
+                                                r.late.too_late(&c, seal);
+                                                continue;
                                             }
                                         }
+                                        let user = users.entry(c.user).or_default();
+                                        if let Some(seal) = seal {
+                                            user.seal(seal);
+                                        }
+                                        control(user, c, &kinds, &mut changes);
                                     }
-                                    if UserGate::admits(bounds, &e) {
-                                        changes.push((e, diff));
+                                    Update::Event(e, diff) => {
+                                        if let (Some(seal), Some(r)) = (judged, retention.as_ref())
+                                        {
+                                            if diff > 0 && e.ts <= seal {
+                                                r.late.too_late(&e, seal);
+                                                continue;
+                                            }
+                                        }
+                                        let user = users.entry(e.user).or_default();
+                                        let bounds = user.bounds();
+                                        // Erased, or before the last revocation: never admitted
+                                        // again (both only grow), so not held either.
+                                        if bounds.0.is_some_and(|to| e.ts <= to) {
+                                            continue;
+                                        }
+                                        if diff > 0 {
+                                            user.held.extend(std::iter::repeat_n(e, diff as usize));
+                                            if let Some(r) = retention.as_ref() {
+                                                let after =
+                                                    r.retention_ms + seal_slack(r.retention_ms);
+                                                requeue(user, e.user, after, &mut queue);
+                                            }
+                                        } else if seal.is_some_and(|s| e.ts <= s) {
+                                            // A retraction of an event old enough to be sealed (a
+                                            // conflicting duplicate later than the retention).
+                                            if let Some(s) = seal {
+                                                user.seal(s);
+                                            }
+                                            let n = unseal(user, &e, diff.unsigned_abs() as u64);
+                                            if n > 0 {
+                                                changes.push((e, -(n as isize)));
+                                            }
+                                            continue;
+                                        } else {
+                                            for _ in 0..diff.unsigned_abs() {
+                                                if let Some(i) =
+                                                    user.held.iter().position(|h| *h == e)
+                                                {
+                                                    user.held.swap_remove(i);
+                                                }
+                                            }
+                                        }
+                                        if UserGate::admits(bounds, &e) {
+                                            changes.push((e, diff));
+                                        }
                                     }
                                 }
                             }
-                        }
-                        if !changes.is_empty() {
-                            let mut session = output.session(&cap);
                             for (e, diff) in changes.drain(..) {
                                 session.give((e, time, diff));
                             }
                         }
                     }
+                    pending.release();
                 }
             },
         )

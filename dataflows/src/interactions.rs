@@ -17,7 +17,7 @@
 //! event within the horizon (inline while an item has one touch), plus one record per (user,
 //! purchased item).
 
-use crate::event::{newest_items, release_to, Event, NameOrder, PendingByTime, Time, UserKey};
+use crate::event::{newest_items, release_to, Event, NameOrder, Pending, Time, UserKey};
 use differential_dataflow::{AsCollection, VecCollection};
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
@@ -102,32 +102,32 @@ impl Touches {
 
     /// Adds `n` touches of `key`; returns whether the touch is new.
     fn add(&mut self, key: (u64, u64), weight: u32, n: u64) -> bool {
-        match self {
-            Touches::None => {
-                *self = Touches::One(key, weight, n);
-                return true;
-            }
-            Touches::One(k, w, count) if *k == key && *w == weight => {
-                *count += n;
-                return false;
-            }
-            Touches::One(k, w, count) => {
-                let (k, w, count) = (*k, *w, *count);
+        // A second distinct touch promotes the inline one to the maps first.
+        if let Touches::One(k, w, count) = *self {
+            if k != key || w != weight {
                 *self = Touches::Many {
                     times: BTreeMap::from([(k, (w, count))]),
                     weights: BTreeMap::from([(w, count)]),
                 };
             }
-            Touches::Many { .. } => {}
         }
-        let Touches::Many { times, weights } = self else {
-            unreachable!("promoted above");
-        };
-        let entry = times.entry(key).or_insert((weight, 0));
-        let new = entry.1 == 0;
-        entry.1 += n;
-        *weights.entry(weight).or_insert(0) += n;
-        new
+        match self {
+            Touches::None => {
+                *self = Touches::One(key, weight, n);
+                true
+            }
+            Touches::One(_, _, count) => {
+                *count += n;
+                false
+            }
+            Touches::Many { times, weights } => {
+                let entry = times.entry(key).or_insert((weight, 0));
+                let new = entry.1 == 0;
+                entry.1 += n;
+                *weights.entry(weight).or_insert(0) += n;
+                new
+            }
+        }
     }
 
     /// Removes up to `n` touches of `key` (all of them with `None`).
@@ -251,7 +251,7 @@ pub fn interactions<'s>(
     let recent = events
         .inner
         .unary_frontier(pact, "RecentItems", move |_cap, _info| {
-            let mut pending: PendingByTime<(Event, isize)> = BTreeMap::new();
+            let mut pending: Pending<(Event, isize)> = Pending::default();
             let mut users: HashMap<u64, UserItems> = HashMap::default();
             let mut expiries: BinaryHeap<Expiry> = BinaryHeap::new();
             let mut held: Option<Capability<Time>> = None;
@@ -259,15 +259,20 @@ pub fn interactions<'s>(
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     for (event, time, diff) in data.drain(..) {
-                        pending
-                            .entry(time)
-                            .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()))
-                            .1
-                            .push((event, diff));
+                        pending.at(&cap, time).push((event, diff));
                     }
                 });
+                // One session for the activation, on the earlier of the two capabilities.
+                let cap = match (pending.held.as_ref(), held.as_ref()) {
+                    (Some(a), Some(b)) if b.time() < a.time() => Some(b.clone()),
+                    (a, b) => a.or(b).cloned(),
+                };
+                let Some(cap) = cap else {
+                    return;
+                };
+                let mut session = output.session(&cap);
                 loop {
-                    let next_input = pending.keys().next().copied();
+                    let next_input = pending.by_time.keys().next().copied();
                     let next_expiry = expiries.peek().map(|Reverse(e)| e.0);
                     let Some(time) = next_input.into_iter().chain(next_expiry).min() else {
                         break;
@@ -275,16 +280,10 @@ pub fn interactions<'s>(
                     if frontier.less_equal(&time) {
                         break;
                     }
-                    let (cap, batch) = if next_input == Some(time) {
-                        match pending.remove(&time) {
-                            Some(x) => x,
-                            None => break,
-                        }
+                    let batch = if next_input == Some(time) {
+                        pending.by_time.remove(&time).unwrap_or_default()
                     } else {
-                        match held.as_ref() {
-                            Some(h) => (h.delayed(&time), Vec::new()),
-                            None => break,
-                        }
+                        Vec::new()
                     };
                     touched.clear();
                     // Age out first: a touch is recent at `time` only if `time < ts + horizon`.
@@ -316,7 +315,6 @@ pub fn interactions<'s>(
                     }
                     touched.sort_unstable();
                     touched.dedup();
-                    let mut session = output.session(&cap);
                     for user in &touched {
                         let Some(state) = users.get_mut(user) else {
                             continue;
@@ -360,9 +358,10 @@ pub fn interactions<'s>(
                             state.emitted = new;
                         }
                     }
-                    drop(session);
                     release_to(&mut held, expiries.peek().map(|Reverse((next, ..))| next));
                 }
+                drop(session);
+                pending.release();
             }
         })
         .as_collection();
