@@ -33,12 +33,25 @@ pub enum Refusal {
     Forbidden,
 }
 
-/// The scope of a request, by method and path segments.
+/// The scope of a request, by its route. A path the server does not serve with that method
+/// is public, so that it gets its 404 or 405 whatever the token.
 pub fn scope(method: &Method, segments: &[&str]) -> Scope {
-    match (method, segments) {
-        (&Method::GET, ["healthz"] | ["readyz"] | ["openapi.json"] | [""]) => Scope::Public,
-        (&Method::GET | &Method::HEAD, _) => Scope::Read,
-        _ => Scope::Admin,
+    use crate::http::Route;
+    match crate::http::route_of(method, segments) {
+        Route::Healthz
+        | Route::Readyz
+        | Route::OpenApi
+        | Route::Dashboard
+        | Route::NotAllowed
+        | Route::NotFound => Scope::Public,
+        Route::Erase(_) => Scope::Admin,
+        Route::Stream(_)
+        | Route::Segments
+        | Route::Profile(_)
+        | Route::Recommendations(_)
+        | Route::Similar(_)
+        | Route::Status
+        | Route::Metrics => Scope::Read,
     }
 }
 
@@ -99,7 +112,7 @@ pub fn cookie_token(cookie: &HeaderValue) -> Option<&str> {
 /// The token a process sends with its own `method` requests to the other processes of its
 /// cluster: the admin token only where a read token would not pass.
 pub fn internal_token<'a>(http: &'a HttpSettings, method: &Method) -> Option<&'a str> {
-    if method == Method::GET {
+    if method == Method::GET || method == Method::HEAD {
         http.read_token.as_deref().or(http.admin_token.as_deref())
     } else {
         http.admin_token.as_deref().or(http.read_token.as_deref())

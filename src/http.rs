@@ -156,9 +156,9 @@ pub enum Route<'a> {
     NotFound,
 }
 
-/// The route table.
+/// The route table. `HEAD` is answered as `GET` (hyper sends no body for it).
 pub fn route_of<'a>(method: &Method, segments: &[&'a str]) -> Route<'a> {
-    let get = method == Method::GET;
+    let get = method == Method::GET || method == Method::HEAD;
     match segments {
         [""] if get => Route::Dashboard,
         ["v1", "users", user, "stream"] if get => Route::Stream(user),
@@ -192,12 +192,17 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let forwarded = req.headers().contains_key(crate::forward::FORWARDED);
-    if let Some(refused) = refuse(&req, &segments, shared) {
+    let process = shared.settings.cluster.as_ref().map_or(0, |c| c.process);
+    if let Some(mut refused) = refuse(&req, &segments, shared) {
+        refused
+            .headers_mut()
+            .insert("x-persona-process", HeaderValue::from(process as u64));
         return refused;
     }
     if let (Some(cluster), false) = (&shared.settings.cluster, forwarded) {
         let method = req.method();
-        let routed = (*method == Method::GET || *method == Method::DELETE)
+        let routed = [Method::GET, Method::HEAD, Method::DELETE]
+            .contains(method)
             .then(|| routing_key(method, &segments))
             .flatten();
         if let Some((label, key)) = routed {
@@ -246,7 +251,6 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
             ),
         ),
     };
-    let process = shared.settings.cluster.as_ref().map_or(0, |c| c.process);
     reply
         .headers_mut()
         .insert("x-persona-process", HeaderValue::from(process as u64));
@@ -260,7 +264,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
 fn routing_key(method: &Method, segments: &[&str]) -> Option<(&'static str, u64)> {
     let (label, id, what) = match segments {
         ["v1", "users", user] if method == Method::DELETE => ("erase", user, "user"),
-        _ if method != Method::GET => return None,
+        _ if method != Method::GET && method != Method::HEAD => return None,
         ["v1", "users", user] => ("profile", user, "user"),
         ["v1", "users", user, "recommendations"] => ("recommendations", user, "user"),
         ["v1", "items", item, "similar"] => ("similar", item, "item"),
@@ -327,6 +331,21 @@ pub fn number_param(query: Option<&str>, name: &str) -> Result<Option<u64>, Box<
 
 /// A percent-decoded user or item id, checked against SPEC §2's length rule.
 pub fn path_id(raw: &str, what: &str) -> Result<String, Box<Reply>> {
+    // `%` must start an escape: the decoder would keep a stray one, or `%ZZ`, as it is.
+    let bytes = raw.as_bytes();
+    let stray = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if stray {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{what} id has a malformed percent escape (write % as %25)"),
+        )));
+    }
     let id = match percent_encoding::percent_decode_str(raw).decode_utf8() {
         Ok(u) => u.into_owned(),
         Err(_) => {
@@ -566,8 +585,8 @@ async fn profile(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> R
 /// 405, with the `Allow` header RFC 9110 asks for.
 fn not_allowed(method: &Method, path: &str, segments: &[&str]) -> Reply {
     let allow = match segments {
-        ["v1", "users", _] => "GET, DELETE",
-        _ => "GET",
+        ["v1", "users", _] => "GET, HEAD, DELETE",
+        _ => "GET, HEAD",
     };
     let mut r = error(
         StatusCode::METHOD_NOT_ALLOWED,

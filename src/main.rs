@@ -52,11 +52,14 @@ enum Command {
         /// Dead-letter file (default: source.dead_letter_path of the config).
         #[arg(long)]
         dead_letters: Option<PathBuf>,
-        /// Write every segment entry and exit, in time order per user (JSON Lines).
+        /// Write every segment entry and exit, in time order per user (JSON Lines). Each line
+        /// then enters at the clock as it stands once it is read, which costs some speed.
         #[arg(long)]
         triggers: Option<PathBuf>,
+        /// TOML config file (default: the embedded config/default.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Worker threads (overrides engine.workers).
         #[arg(long)]
         workers: Option<usize>,
         /// This process's index in the cluster of `[cluster]`; each process replays its share
@@ -71,8 +74,10 @@ enum Command {
     Evaluate {
         #[command(flatten)]
         args: persona::evaluate::EvaluateArgs,
+        /// TOML config file (default: the embedded config/default.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Worker threads (overrides engine.workers).
         #[arg(long)]
         workers: Option<usize>,
     },

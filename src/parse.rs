@@ -17,6 +17,9 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 pub const MAX_ID_BYTES: usize = 128;
 /// Latest accepted `ts`: 9999-12-31T23:59:59.999Z.
 pub const MAX_TS: u64 = 253_402_300_799_999;
+/// The largest `value` accepted. Spend is summed exactly, in billionths in 128 bits: with
+/// values up to 1e18 a user's sum cannot overflow within any number of events a log can hold.
+pub const MAX_VALUE: f64 = 1e18;
 /// Types that must carry an `item_id`.
 pub const ITEM_TYPES: [&str; 4] = [
     "product_view",
@@ -82,6 +85,27 @@ impl<'de> Deserialize<'de> for AnyObject {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// `T` from a JSON object only: a derived struct also accepts an array of its fields in order,
+/// which would let `["e1", "u1", "click", 1]` pass for an event and `[false]` for a consent's
+/// properties.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
@@ -151,12 +175,12 @@ struct RawEvent<'a> {
     #[serde(default)]
     value: Option<f64>,
     #[serde(borrow, default)]
-    device: Option<RawDevice<'a>>,
+    device: Option<Object<RawDevice<'a>>>,
     #[serde(default)]
     #[allow(dead_code)]
     context: Option<AnyObject>,
     #[serde(default)]
-    properties: Option<RawProperties>,
+    properties: Option<Object<RawProperties>>,
     #[serde(default)]
     schema_version: Option<i64>,
 }
@@ -174,7 +198,7 @@ pub fn parse_event(line: &[u8], names: &Names, max_ts: Option<u64>) -> Result<Ev
         ));
     }
     let raw: RawEvent = match serde_json::from_slice(line) {
-        Ok(raw) => raw,
+        Ok(Object(raw)) => raw,
         Err(e) => return Err(explain(line, e)),
     };
     if let Some(v) = raw.schema_version {
@@ -223,7 +247,7 @@ pub fn parse_event(line: &[u8], names: &Names, max_ts: Option<u64>) -> Result<Ev
     };
     // A consent record carries its grant as `value` (1 granted, 0 revoked).
     let consent = if kind == CONSENT_TYPE {
-        match raw.properties.and_then(|p| p.personalization) {
+        match raw.properties.and_then(|p| p.0.personalization) {
             Some(serde_json::Value::Bool(b)) => Some(b),
             _ => {
                 return Err(Rejection::new(
@@ -242,11 +266,17 @@ pub fn parse_event(line: &[u8], names: &Names, max_ts: Option<u64>) -> Result<Ev
                 format!("value {v} must be a finite number >= 0"),
             ))
         }
+        Some(v) if v > MAX_VALUE => {
+            return Err(Rejection::new(
+                "invalid_field",
+                format!("value {v} is above the largest accepted, {MAX_VALUE:e}"),
+            ))
+        }
         Some(v) => v + 0.0, // normalises -0.0
         None => 0.0,
     };
     let value = consent.map_or(value, |granted| if granted { 1.0 } else { 0.0 });
-    let device = match raw.device {
+    let device = match raw.device.map(|d| d.0) {
         None => None,
         Some(d) => match d.kind.as_deref() {
             Some("desktop") => Some(Device::Desktop),
@@ -481,7 +511,7 @@ pub fn parse_catalog(line: &[u8], names: &Names) -> Result<CatalogRecord, Reject
             ),
         ));
     }
-    let raw: RawCatalog = serde_json::from_slice(line).map_err(|e| {
+    let Object::<RawCatalog>(raw) = serde_json::from_slice(line).map_err(|e| {
         let reason = if e.is_data() {
             "invalid_field"
         } else {
@@ -534,6 +564,24 @@ mod tests {
         let cases = [
             ("not json", "invalid_json"),
             ("[1,2]", "not_an_object"),
+            // Arrays are never read as the objects they stand in for.
+            (r#"["e","u","click",1]"#, "not_an_object"),
+            (
+                r#"{"event_id":"e","user_id":"u","type":"click","ts":1,"device":["mobile"]}"#,
+                "invalid_field",
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","type":"consent","ts":1,"properties":[false]}"#,
+                "invalid_field",
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","type":"click","ts":1,"properties":[]}"#,
+                "invalid_field",
+            ),
+            (
+                r#"{"event_id":"e","user_id":"u","type":"purchase","ts":1,"item_id":"i","value":1.5e18}"#,
+                "invalid_field",
+            ),
             (r#"{"user_id":"u","type":"click","ts":1}"#, "missing_field"),
             (
                 r#"{"event_id":"e","user_id":5,"type":"click","ts":1}"#,
@@ -619,5 +667,13 @@ mod tests {
         assert_eq!(device_of_user_agent(android_tab), Device::Tablet);
         assert_eq!(device_of_user_agent(win), Device::Desktop);
         assert_eq!(device_of_user_agent("curl/8.0"), Device::Other);
+    }
+
+    #[test]
+    fn a_catalog_record_is_an_object() {
+        let names = Names::default();
+        assert!(parse_catalog(br#"{"item_id":"i1","category":"shoes"}"#, &names).is_ok());
+        let array = parse_catalog(br#"["i1","shoes"]"#, &names);
+        assert_eq!(array.map_err(|r| r.reason).err(), Some("invalid_field"));
     }
 }

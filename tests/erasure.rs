@@ -117,8 +117,32 @@ fn tokens_guard_reads_and_erasure() {
     assert_eq!(cookie("GET", "/v1/status", READ), 200);
     assert_eq!(cookie("GET", "/v1/status", "nope"), 401);
     assert_eq!(cookie("DELETE", "/v1/users/u1", ADMIN), 401);
-    // Probes and the API description stay open.
+    // Probes and the API description stay open, `HEAD` as `GET`.
     assert_eq!(p.get("/healthz").0, 200);
+    assert_eq!(p.call("HEAD", "/healthz", None).0, 200);
+    assert_eq!(p.call("HEAD", "/v1/users/u1", None).0, 401);
+    assert_eq!(p.call("HEAD", "/v1/users/u1", Some(READ)).0, 200);
+    // A method a path is not served with is 405 whatever the token; a refusal names its
+    // process like any other answer; a malformed escape in an id is bad input.
+    for token in [None, Some(READ), Some(ADMIN)] {
+        let (status, body, _) = p.call("POST", "/v1/users/u1", token);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (405, Some("method_not_allowed")),
+            "{token:?}: {body}"
+        );
+    }
+    let refused = match ureq::get(&format!("{}/v1/users/u1", p.base)).call() {
+        Err(ureq::Error::Status(401, r)) => r,
+        other => panic!("expected a 401, got {other:?}"),
+    };
+    assert_eq!(refused.header("x-persona-process"), Some("0"));
+    let (status, body, _) = p.call("GET", "/v1/users/%ZZ", Some(READ));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
     let (status, spec, _) = p.get("/openapi.json");
     assert_eq!(status, 200);
     assert!(
