@@ -112,6 +112,9 @@ fn settings(
             "# effective configuration\n{}",
             config.to_toml()
         );
+    } else {
+        // A batch command's output stays its summary; RUST_LOG=debug shows what it ran with.
+        tracing::debug!("effective configuration\n{}", config.to_toml());
     }
     let settings = Settings::from_config(&config)?;
     persona::affinity::check("engine.worker_cpus", &settings.worker_cpus)?;
@@ -152,7 +155,8 @@ fn main() -> Result<()> {
             process,
             serve,
         } => {
-            let mut s = settings(config, workers, Some(process), false)?;
+            // A replay that stays up to serve prints it as `run` does.
+            let mut s = settings(config, workers, Some(process), serve)?;
             s.clock = ClockMode::Event;
             persona::replay::command(
                 s,
