@@ -216,6 +216,24 @@ pub enum StartOffset {
     Latest,
 }
 
+/// Refuses a secret `kafka.properties` value that is not a string before the typed parse,
+/// whose message would quote the value.
+fn check_secret_types(table: &toml::Table) -> Result<()> {
+    let properties = table
+        .get("kafka")
+        .and_then(|k| k.get("properties"))
+        .and_then(toml::Value::as_table);
+    for (key, value) in properties.into_iter().flatten() {
+        if is_secret(key) && !value.is_str() {
+            bail!(
+                "kafka.properties.\"{key}\" must be a string (a {}; its value is a secret and not shown)",
+                value.type_str()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Keys whose values are secrets: masked when the configuration is printed.
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
@@ -432,6 +450,7 @@ impl Config {
         let mut table: toml::Table =
             toml::from_str(text).with_context(|| format!("invalid TOML in {origin}"))?;
         apply_env(&mut table, env)?;
+        check_secret_types(&table)?;
         let config: Config = toml::Value::Table(table).try_into().with_context(|| {
             format!("invalid configuration ({origin} with PERSONA_* overrides)")
         })?;
@@ -446,6 +465,18 @@ impl Config {
                 *v = "***".into();
             }
         }
+        // Weights as the engine uses them: each one given over the defaults.
+        let defaults = Config::default();
+        let merged = |defaults: &BTreeMap<String, f64>, given: &BTreeMap<String, f64>| {
+            let mut all = defaults.clone();
+            all.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+            all
+        };
+        shown.engine.weights = merged(&defaults.engine.weights, &self.engine.weights);
+        shown.recommendations.weights = merged(
+            &defaults.recommendations.weights,
+            &self.recommendations.weights,
+        );
         for token in [&mut shown.http.read_token, &mut shown.http.admin_token] {
             if !token.is_empty() {
                 *token = "***".into();
@@ -1238,6 +1269,16 @@ mod tests {
         let mut bad = c.clone();
         bad.kafka.start_offset = "middle".into();
         assert!(format!("{:#}", Settings::from_config(&bad).unwrap_err()).contains("start_offset"));
+        // A secret of the wrong type is refused without its value.
+        let typo = [(
+            "PERSONA_KAFKA_PROPERTIES".to_string(),
+            r#"{ "sasl.password" = 31337 }"#.to_string(),
+        )];
+        let err = format!("{:#}", Config::load(None, typo).unwrap_err());
+        assert!(
+            err.contains("sasl.password") && !err.contains("31337"),
+            "{err}"
+        );
     }
 
     fn cluster(addresses: &[&str], http: &[&str], workers: &[usize]) -> ClusterConfig {

@@ -240,7 +240,10 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
             json_reply(StatusCode::OK, &json!({"status": "ok"})),
         ),
         Route::Readyz => ("readyz", readyz(shared)),
-        Route::Metrics => ("metrics", metrics(shared)),
+        Route::Metrics => (
+            "metrics",
+            metrics(shared, req.headers().get(hyper::header::ACCEPT)),
+        ),
         Route::NotAllowed => ("other", not_allowed(req.method(), &path, &segments)),
         Route::NotFound => (
             "other",
@@ -1032,16 +1035,24 @@ fn readyz(shared: &Arc<Shared>) -> Reply {
     }
 }
 
-fn metrics(shared: &Arc<Shared>) -> Reply {
+/// Prometheus text format 0.0.4, or OpenMetrics for a scraper that asks for it.
+fn metrics(shared: &Arc<Shared>, accept: Option<&HeaderValue>) -> Reply {
     shared
         .metrics
         .set_names(shared.names.len(), shared.names.event_ids());
+    let openmetrics = accept
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(
-        shared.metrics.render(),
+        shared.metrics.render(openmetrics),
     ))));
     r.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(if openmetrics {
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        } else {
+            "text/plain; version=0.0.4; charset=utf-8"
+        }),
     );
     r
 }

@@ -124,6 +124,10 @@ pub struct ProduceArgs {
     pub target: Target,
 }
 
+/// The longest line `produce` sends: the default `message.max.bytes` (1,000,000) less room
+/// for the record's key and headers.
+pub const MAX_MESSAGE_BYTES: usize = 990_000;
+
 pub fn produce(args: &ProduceArgs) -> Result<()> {
     let (kafka, topic) = args.target.resolve()?;
     let kafka = &kafka;
@@ -137,12 +141,17 @@ pub fn produce(args: &ProduceArgs) -> Result<()> {
             first_error: Mutex::new(None),
         })
         .context("cannot create a Kafka producer")?;
-    let mut log = LineSource::open(&args.events, false, 0, 1)?;
+    // Lines are sent whole, oversize events included (the engine dead-letters those), up to
+    // the largest message a broker takes by default; a longer one is not sent, and said so.
+    let mut log = LineSource::open(&args.events, false, 0, 1)?.with_cap(MAX_MESSAGE_BYTES);
     let started = Instant::now();
     let mut sent = 0u64;
-    while let Next::Line { number, .. } = log.next_line()? {
+    let mut too_long: Vec<u64> = Vec::new();
+    while let Next::Line { number, oversize } = log.next_line()? {
         let line = log.line();
-        if !line.iter().all(u8::is_ascii_whitespace) {
+        if oversize {
+            too_long.push(number);
+        } else if !line.iter().all(u8::is_ascii_whitespace) {
             if let Some(rate) = args.rate {
                 // Pace against the start, so short stalls are caught up, not lost.
                 let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
@@ -169,6 +178,13 @@ pub fn produce(args: &ProduceArgs) -> Result<()> {
         sent - failed,
         sent as f64 / secs.max(1e-9),
     );
+    if let Some(first) = too_long.first() {
+        bail!(
+            "{} lines were not sent: longer than {MAX_MESSAGE_BYTES} bytes, the largest message \
+             a Kafka broker takes by default (first: line {first})",
+            too_long.len()
+        );
+    }
     if failed > 0 {
         let first = context
             .first_error

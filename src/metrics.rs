@@ -367,13 +367,44 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
+    /// The metrics in OpenMetrics text, or (`openmetrics` false) in the Prometheus text
+    /// format 0.0.4.
+    pub fn render(&self, openmetrics: bool) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
             tracing::error!("cannot encode metrics: {e}");
         }
-        out
+        if openmetrics {
+            out
+        } else {
+            text_0_0_4(&out)
+        }
     }
+}
+
+/// OpenMetrics text as Prometheus text format 0.0.4: the same samples, but a counter's
+/// `# HELP` and `# TYPE` name its `_total` samples (in OpenMetrics they name the family
+/// without it, which a 0.0.4 parser reads as untyped samples), and no `# UNIT` or `# EOF`.
+fn text_0_0_4(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {rest}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 impl DedupObserver for Metrics {
@@ -385,5 +416,40 @@ impl DedupObserver for Metrics {
         if conflicting {
             self.inner.conflicting.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sample of the 0.0.4 text belongs to a family its `# TYPE` names: the sample's
+    /// own name, or a histogram's with `_bucket`, `_sum` or `_count`.
+    #[test]
+    fn the_0_0_4_text_types_every_sample() {
+        let m = Metrics::new();
+        DedupObserver::accepted(&m, 3);
+        m.duplicate(true);
+        m.observe_query("profile", 0.001);
+        let text = m.render(false);
+        let types: std::collections::HashMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+            .collect();
+        assert_eq!(types.get("persona_events_accepted_total"), Some(&"counter"));
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| name.strip_suffix(suffix))
+                .find(|base| types.get(base) == Some(&"histogram"))
+                .unwrap_or(name);
+            assert!(types.contains_key(family), "{name} has no # TYPE: {text}");
+        }
+        assert!(!text.contains("# EOF"));
+        assert!(m.render(true).ends_with("# EOF\n"));
     }
 }

@@ -43,9 +43,6 @@ pub fn command(settings: Settings) -> Result<()> {
     };
     let listen = settings.listen.clone();
     let triggers = crate::live::sink(&settings)?;
-    for warning in crate::auth::warnings(&settings.http, &listen) {
-        tracing::warn!("{warning}");
-    }
     let shared = Shared::new(settings, source.path.clone(), dead, triggers, monitor);
     shared.profiles.enable();
     let erased = shared.load_erasures()?;
@@ -61,6 +58,10 @@ pub fn command(settings: Settings) -> Result<()> {
         None => "off".to_string(),
     };
     let server = Server::start(&listen, shared.clone(), true)?;
+    // After the bind: the address it names is the one bound (`:0` picks a port).
+    for warning in crate::auth::warnings(&shared.settings.http, &server.addr.to_string()) {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(
         workers = shared.workers.len(),
         source = label,

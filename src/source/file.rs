@@ -34,9 +34,13 @@ pub struct LineSource {
     lines: u64,
     /// Bytes consumed from the file (uncompressed stream for `.gz`).
     offset: u64,
-    /// The line being assembled, capped at `MAX_EVENT_BYTES + 1`.
+    /// Of those, the bytes of a line not complete yet.
+    partial: u64,
+    /// The line being assembled, capped at `cap + 1` bytes.
     buf: Vec<u8>,
     oversize: bool,
+    /// The longest line kept whole.
+    cap: usize,
 }
 
 fn open(path: &Path) -> Result<(Box<dyn Read + Send>, bool)> {
@@ -68,14 +72,22 @@ impl LineSource {
             peers: peers.max(1) as u64,
             lines: 0,
             offset: 0,
+            partial: 0,
             buf: Vec::with_capacity(1024),
             oversize: false,
+            cap: MAX_EVENT_BYTES,
         })
     }
 
-    /// Bytes consumed so far.
+    /// Keeps lines of up to `cap` bytes whole, instead of the event limit.
+    pub fn with_cap(mut self, cap: usize) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// Bytes of the complete lines read so far.
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.offset - self.partial
     }
 
     /// Lines seen so far, of all shares.
@@ -128,7 +140,7 @@ impl LineSource {
                 } else {
                     &chunk[..take]
                 };
-                let room = (MAX_EVENT_BYTES + 1).saturating_sub(self.buf.len());
+                let room = (self.cap + 1).saturating_sub(self.buf.len());
                 if body.len() > room {
                     self.buf.extend_from_slice(&body[..room]);
                     self.oversize = true;
@@ -138,6 +150,11 @@ impl LineSource {
             }
             self.reader.consume(take);
             self.offset += take as u64;
+            self.partial = if complete {
+                0
+            } else {
+                self.partial + take as u64
+            };
             if complete {
                 if let Some(next) = Some(self.finish_line(mine)).filter(|n| *n != Next::Wait) {
                     return Ok(next);
@@ -149,10 +166,11 @@ impl LineSource {
     /// Ends the current line; `Wait` here means "not ours, keep going".
     fn finish_line(&mut self, mine: bool) -> Next {
         self.lines += 1;
+        self.partial = 0;
         if !mine {
             return Next::Wait;
         }
-        let oversize = self.oversize || self.buf.len() > MAX_EVENT_BYTES;
+        let oversize = self.oversize || self.buf.len() > self.cap;
         self.oversize = false;
         if self.buf.last() == Some(&b'\r') {
             self.buf.pop();
@@ -180,6 +198,7 @@ impl LineSource {
             file.seek(SeekFrom::Start(0))?;
             self.reader = BufReader::with_capacity(1 << 16, Box::new(file));
             self.offset = 0;
+            self.partial = 0;
             self.lines = 0;
             self.buf.clear();
             self.oversize = false;
@@ -243,6 +262,23 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert!(all[1].2 && all[1].1.len() == MAX_EVENT_BYTES + 1);
         assert_eq!((all[2].0, all[2].1.as_str(), all[2].2), (3, "after", false));
+        // A larger cap keeps the line whole (what `persona produce` sends).
+        let mut src = LineSource::open(&path, false, 0, 1)
+            .unwrap()
+            .with_cap(MAX_EVENT_BYTES * 3);
+        src.next_line().unwrap();
+        src.clear();
+        let whole = src.next_line().unwrap();
+        assert_eq!(
+            (whole, src.line().len()),
+            (
+                Next::Line {
+                    number: 2,
+                    oversize: false
+                },
+                MAX_EVENT_BYTES * 3
+            )
+        );
     }
 
     #[test]
@@ -273,6 +309,8 @@ mod tests {
         );
         src.clear();
         assert_eq!(src.next_line().unwrap(), Next::Wait);
+        // The unfinished "tw" is not counted as read.
+        assert_eq!(src.offset(), 4);
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -287,5 +325,6 @@ mod tests {
             }
         );
         assert_eq!(src.line(), b"two");
+        assert_eq!(src.offset(), 8);
     }
 }
