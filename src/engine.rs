@@ -1301,9 +1301,9 @@ fn run_worker(
                     }
                     status.lines.store(events.lines(), Ordering::Relaxed);
                     status.offset.store(events.offset(), Ordering::Relaxed);
-                    if let Some(len) = events.file_len() {
-                        status.file_len.store(len, Ordering::Relaxed);
-                    }
+                    // Unknown for a .gz log: its offset counts uncompressed bytes.
+                    let len = events.file_len().unwrap_or(u64::MAX);
+                    status.file_len.store(len, Ordering::Relaxed);
                 }
                 Feed::Kafka(reader) => {
                     read += start_batch(&mut cut, &mut carried, &mut batch, shared.controls);

@@ -977,11 +977,12 @@ fn process_status(shared: &Arc<Shared>) -> serde_json::Value {
             .enumerate()
             .map(|(i, w)| {
                 let offset = w.offset.load(Ordering::Relaxed);
-                let len = w.file_len.load(Ordering::Relaxed);
+                // `u64::MAX`: a .gz log, whose compressed size says nothing of the offset.
+                let len = Some(w.file_len.load(Ordering::Relaxed)).filter(|l| *l != u64::MAX);
                 json!({
                     "kind": "file", "path": shared.source_path.display().to_string(), "worker": first + i,
                     "lines": w.lines.load(Ordering::Relaxed), "offset_bytes": offset,
-                    "file_bytes": len, "lag_bytes": len.saturating_sub(offset),
+                    "file_bytes": len, "lag_bytes": len.map(|l| l.saturating_sub(offset)),
                     "clock_ms": w.clock.load(Ordering::Relaxed),
                 })
             })
