@@ -82,6 +82,9 @@ def otto(path: Path):
 
 def main() -> None:
     here = Path(__file__).resolve().parent.parent
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else here.parent / "shared/datasets"
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else here / "target/datasets"
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,9 @@ TYPES = {"clicks": "product_view", "carts": "add_to_cart", "orders": "purchase"}
 
 def main() -> None:
     here = Path(__file__).resolve().parent.parent
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return
     sample = Path(sys.argv[1]) if len(sys.argv) > 1 else here.parent / "shared/datasets/otto-recsys-sample/otto_train_sample.jsonl"
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else here / "data"
     out.mkdir(parents=True, exist_ok=True)

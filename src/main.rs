@@ -99,8 +99,11 @@ fn settings(
     workers: Option<usize>,
     process: Option<usize>,
     print: bool,
+    command: impl FnOnce(&mut Config),
 ) -> Result<Settings> {
     let mut config = Config::load(config.as_deref(), std::env::vars())?;
+    // What the command sets itself, so that the printed configuration is the one it runs.
+    command(&mut config);
     let clustered = process.is_some() && !config.cluster.addresses.is_empty();
     if let (Some(w), false) = (workers, clustered) {
         config.engine.workers = w;
@@ -143,7 +146,7 @@ fn main() -> Result<()> {
             config,
             workers,
             process,
-        }) => persona::run::command(settings(config, workers, Some(process), true)?),
+        }) => persona::run::command(settings(config, workers, Some(process), true, |_| {})?),
         Command::Replay {
             events,
             catalog,
@@ -156,8 +159,12 @@ fn main() -> Result<()> {
             serve,
         } => {
             // A replay that stays up to serve prints it as `run` does.
-            let mut s = settings(config, workers, Some(process), serve)?;
-            s.clock = ClockMode::Event;
+            let s = settings(config, workers, Some(process), serve, |c| {
+                c.engine.clock = ClockMode::Event;
+                if let Some(d) = &dead_letters {
+                    c.source.dead_letter_path.clone_from(d);
+                }
+            })?;
             persona::replay::command(
                 s,
                 persona::replay::Command {
@@ -175,7 +182,7 @@ fn main() -> Result<()> {
             config,
             workers,
         } => {
-            let s = settings(config, workers, None, false)?;
+            let s = settings(config, workers, None, false, |_| {})?;
             let e = persona::evaluate::evaluate(s, &args)?;
             println!(
                 "{}: split {}: {} training and {} held-out events",
