@@ -216,6 +216,16 @@ pub enum StartOffset {
     Latest,
 }
 
+/// Configured weights override the defaults one by one, not as a whole table.
+fn over_defaults(
+    defaults: &BTreeMap<String, f64>,
+    given: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    let mut all = defaults.clone();
+    all.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
+    all
+}
+
 /// Refuses a secret `kafka.properties` value that is not a string before the typed parse,
 /// whose message would quote the value.
 fn check_secret_types(table: &toml::Table) -> Result<()> {
@@ -465,16 +475,11 @@ impl Config {
                 *v = "***".into();
             }
         }
-        // Weights as the engine uses them: each one given over the defaults.
-        let defaults = Config::default();
-        let merged = |defaults: &BTreeMap<String, f64>, given: &BTreeMap<String, f64>| {
-            let mut all = defaults.clone();
-            all.extend(given.iter().map(|(k, v)| (k.clone(), *v)));
-            all
-        };
-        shown.engine.weights = merged(&defaults.engine.weights, &self.engine.weights);
-        shown.recommendations.weights = merged(
-            &defaults.recommendations.weights,
+        // Weights as the engine uses them.
+        shown.engine.weights =
+            over_defaults(&EngineConfig::default().weights, &self.engine.weights);
+        shown.recommendations.weights = over_defaults(
+            &RecommendationsConfig::default().weights,
             &self.recommendations.weights,
         );
         for token in [&mut shown.http.read_token, &mut shown.http.admin_token] {
@@ -717,11 +722,7 @@ impl RecommendSettings {
             popular_window_ms: duration_ms("recommendations.popular_window", &r.popular_window)?,
             popular_size: r.popular_size,
             default_weight: r.default_weight,
-            weights: RecommendationsConfig::default()
-                .weights
-                .into_iter()
-                .chain(r.weights.clone())
-                .collect(),
+            weights: over_defaults(&RecommendationsConfig::default().weights, &r.weights),
             strategies,
             experiment,
             experiment_salt: r.experiment_salt.clone(),
@@ -992,12 +993,7 @@ impl Settings {
             retention_ms,
             batch_lines: None,
             default_weight: e.default_weight,
-            // Configured weights override the defaults one by one, not as a whole table.
-            weights: EngineConfig::default()
-                .weights
-                .into_iter()
-                .chain(e.weights.clone())
-                .collect(),
+            weights: over_defaults(&EngineConfig::default().weights, &e.weights),
             source: config.source.clone(),
             kafka: config.kafka.clone(),
             start_offset,

@@ -686,28 +686,27 @@ fn clock_basis(own: Option<u64>, feed: &Feed, cut: &BatchCut, global: impl FnOnc
     basis.unwrap_or_else(global)
 }
 
-/// The time each event of a replayed batch enters at: the clock as it stands once the event is
-/// read, as if the clock moved record by record. `before` is the clock before the batch,
-/// `max_before` the worker's largest `ts` before it; the times never decrease and stay within
-/// `limit` ([`BatchCut::entry_limit`]) unless the clock already passed it. Control records do not
-/// move the clock.
-fn record_times(
-    batch: &[Event],
-    (before, max_before): (Time, u64),
+/// The times the events of a replayed batch enter at: the clock as it stands once each is
+/// read, as if the clock moved record by record. They never decrease and stay within `limit`
+/// ([`BatchCut::entry_limit`]) unless the clock before the batch already passed it. Control
+/// records do not move the clock.
+struct RecordClock {
+    /// The clock before the batch.
+    before: Time,
+    /// The largest `ts` read so far.
+    newest: u64,
     lateness: u64,
     limit: Time,
-    controls: persona_dataflows::ControlKinds,
-) -> Vec<Time> {
-    let mut newest = max_before;
-    batch
-        .iter()
-        .map(|e| {
-            if !controls.is_control(e) {
-                newest = newest.max(e.ts);
-            }
-            before.max(newest.saturating_sub(lateness).min(limit))
-        })
-        .collect()
+}
+
+impl RecordClock {
+    fn time(&mut self, e: &Event, controls: persona_dataflows::ControlKinds) -> Time {
+        if !controls.is_control(e) {
+            self.newest = self.newest.max(e.ts);
+        }
+        self.before
+            .max(self.newest.saturating_sub(self.lateness).min(self.limit))
+    }
 }
 
 /// Starts a batch with the event that ended the last one, if any; returns how many it took.
@@ -1384,9 +1383,12 @@ fn run_worker(
             // With `record_clock`, each event enters at the clock as it stands once that event
             // is read (see `record_times`): its windows and segments see it at its own time,
             // whatever the batching. Otherwise the whole batch enters at the clock after it.
-            let per_record =
-                (record_clock && clock_mode == ClockMode::Event && final_time.is_none())
-                    .then_some((clock, worker_max_ts));
+            let per_record = (record_clock && final_time.is_none()).then_some(RecordClock {
+                before: clock,
+                newest: worker_max_ts,
+                lateness: settings.allowed_lateness_ms,
+                limit: cut.entry_limit(),
+            });
             worker_max_ts = worker_max_ts.max(local_max);
             if let Some(m) = inputs.max_ts.as_mut() {
                 m.offer(worker_max_ts);
@@ -1415,15 +1417,9 @@ fn run_worker(
             }
             if let Some(input) = inputs.events.as_mut() {
                 match per_record {
-                    Some((before, max_before)) => {
-                        let times = record_times(
-                            &batch,
-                            (before, max_before),
-                            settings.allowed_lateness_ms,
-                            cut.entry_limit(),
-                            shared.controls,
-                        );
-                        for (event, t) in batch.drain(..).zip(times) {
+                    Some(mut records) => {
+                        for event in batch.drain(..) {
+                            let t = records.time(&event, shared.controls);
                             input.update_at(event, t, 1);
                         }
                     }

@@ -68,26 +68,6 @@ impl fmt::Display for Rejection {
     }
 }
 
-/// Accepts any JSON object and ignores its contents.
-struct AnyObject;
-
-impl<'de> Deserialize<'de> for AnyObject {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = AnyObject;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyObject, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(AnyObject)
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
 /// `T` from a JSON object only: a derived struct also accepts an array of its fields in order,
 /// which would let `["e1", "u1", "click", 1]` pass for an event and `[false]` for a consent's
 /// properties.
@@ -178,7 +158,7 @@ struct RawEvent<'a> {
     device: Option<Object<RawDevice<'a>>>,
     #[serde(default)]
     #[allow(dead_code)]
-    context: Option<AnyObject>,
+    context: Option<Object<IgnoredAny>>,
     #[serde(default)]
     properties: Option<Object<RawProperties>>,
     #[serde(default)]
