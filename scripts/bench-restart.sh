@@ -28,10 +28,10 @@ cargo build --release --quiet
 BIN=target/release/persona
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # In-memory topics keep the broker out of the figures (tansu reads SQLite at ~10k messages/s).
-# Not under the event clock: its checkpoints leave the newest batch unreflected, so a restore
-# resumes inside a record batch, and tansu's in-memory storage answers such a fetch with a later
-# batch or nothing. The live clock's checkpoint after ready holds the partitions' ends.
-if [[ $CLOCK == event ]]; then STORAGE=${KAFKA_STORAGE:-sqlite}; else STORAGE=${KAFKA_STORAGE:-memory}; fi
+# A restore must resume at a record batch's start: tansu's in-memory storage answers a fetch
+# from inside one with a later batch or nothing. The checkpoint after ready holds the
+# partitions' ends, under either clock.
+STORAGE=${KAFKA_STORAGE:-memory}
 export KAFKA_DIR=$DIR/kafka KAFKA_STORAGE=$STORAGE KAFKA_PARTITIONS=$PARTITIONS
 export KAFKA_ADDR=127.0.0.1:$(free_port)
 

@@ -1190,6 +1190,9 @@ fn run_worker(
     // Replay: the final state, waiting for the cluster to agree on its time.
     let mut final_state: Option<Vec<(u64, ProfileState)>> = None;
     let mut worker_max_ts = 0u64;
+    // `run` under the event clock: the time this worker last put records in at. Its records
+    // complete only once the clock passes it (see `seal_when_idle`).
+    let mut entered_at: Option<Time> = None;
     // The clock before the last batch read, while that batch is not fully processed.
     let mut in_flight: Option<Time> = None;
     // Lines of the next batch a replay read while it waited for the last one to be processed,
@@ -1237,6 +1240,8 @@ fn run_worker(
         // 1. Read a bounded batch of this worker's records, once the last one has been processed
         // (see step 3).
         let mut read = 0usize;
+        // This worker has read everything its sources hold for now.
+        let mut at_end = input_done;
         let reading = !input_done;
         let held_back = in_flight.is_some_and(|t| probe.less_than(&t));
         if !held_back {
@@ -1291,12 +1296,15 @@ fn run_worker(
                         }
                     };
                     match end {
-                        Some(LinesEnd::Wait) => status.mark_end(clock),
+                        Some(LinesEnd::Wait) => at_end = true,
                         Some(LinesEnd::End) => {
                             input_done = true;
-                            status.mark_end(clock);
+                            at_end = true;
                         }
                         Some(LinesEnd::Carried) | None => {}
+                    }
+                    if at_end && clock_mode == ClockMode::Live {
+                        status.mark_end(clock);
                     }
                     status.lines.store(events.lines(), Ordering::Relaxed);
                     status.offset.store(events.offset(), Ordering::Relaxed);
@@ -1334,7 +1342,8 @@ fn run_worker(
                         true
                     })?;
                     read += outcome.records;
-                    if outcome.caught_up && read < batch_lines {
+                    at_end = outcome.caught_up && read < batch_lines;
+                    if at_end && clock_mode == ClockMode::Live {
                         status.mark_end(clock);
                     }
                     if reader.reads_nothing() && inputs.events.is_some() {
@@ -1431,6 +1440,9 @@ fn run_worker(
                 }
             }
             inputs.advance_to(clock);
+            if read > 0 {
+                entered_at = Some(clock);
+            }
             if let (true, Some([ends, _])) = (input_done, agreements.as_mut()) {
                 ends.offer(worker_max_ts);
             }
@@ -1449,6 +1461,19 @@ fn run_worker(
                     let basis =
                         clock_basis(own, &feed, &cut, || shared.max_ts.load(Ordering::Acquire));
                     clock = clock.max(basis.saturating_sub(settings.allowed_lateness_ms));
+                    if !replay && at_end && read == 0 {
+                        if entered_at == Some(clock) {
+                            clock = seal_when_idle(
+                                clock,
+                                settings,
+                                &mut worker_max_ts,
+                                &mut inputs,
+                                shared,
+                            );
+                        }
+                        // Everything this worker put in is before the clock.
+                        status.mark_end(clock);
+                    }
                 }
             }
         }
@@ -1567,8 +1592,8 @@ fn run_worker(
                 .map(|w| w.frontier.load(Ordering::Acquire))
                 .min()
                 .unwrap_or(0);
-            // Under the event clock the last epoch completes only when newer events move the
-            // clock, so having completed up to it is "caught up" there.
+            // Under the event clock a worker marks its end once the clock is past all it put
+            // in (see `seal_when_idle`); under the live clock, with records at the clock.
             let caught_up = reached != u64::MAX
                 && match clock_mode {
                     ClockMode::Live => done > reached,
@@ -1887,6 +1912,29 @@ fn start_erasure(
     }
     shared.metrics.erased();
     Some(q)
+}
+
+/// `run` under the event clock, once a worker has read everything its sources hold: the clock
+/// moves 1 ms past the time its last records went in at, so that they complete without
+/// waiting for a later event (a batch at the clock completes only once the clock passes it).
+/// It moves in every worker and process, as the newest `ts` does: the new clock's basis is
+/// shared as one. The clock runs ahead of the events by at most 1 ms for each batch read
+/// while no newer `ts` came.
+fn seal_when_idle(
+    clock: Time,
+    settings: &Settings,
+    worker_max_ts: &mut u64,
+    inputs: &mut Inputs,
+    shared: &Shared,
+) -> Time {
+    let sealed = clock.saturating_add(1);
+    let basis = sealed.saturating_add(settings.allowed_lateness_ms);
+    *worker_max_ts = (*worker_max_ts).max(basis);
+    shared.max_ts.fetch_max(basis, Ordering::AcqRel);
+    if let Some(m) = inputs.max_ts.as_mut() {
+        m.offer(*worker_max_ts);
+    }
+    sealed
 }
 
 /// The type hashes of the control records (SPEC §2 types reserved by the engine).

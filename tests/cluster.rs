@@ -4,8 +4,9 @@
 //! owner named in the headers; when a process dies the other stops with a clear message; a
 //! restart of the whole cluster reads the topic again to the same profiles.
 //!
-//! Comparing at one time works as in tests/kafka.rs: event clock, no allowed lateness, a last
-//! event at `max_ts + 1`, reads at `min_as_of_ms = max_ts`.
+//! Comparing at one time works as in tests/kafka.rs: event clock, no allowed lateness, reads at
+//! the time the state is complete at once every message is read (`max_ts`, or the replay is
+//! taken at that later time too).
 
 mod support;
 
@@ -132,31 +133,37 @@ fn profiles_at(
     (profiles, owners)
 }
 
-/// Waits until each engine (its processes together) has read the `total` messages of the log,
-/// then (under the event clock the newest events complete only when a later ts arrives)
-/// produces `last` unless it is on the topic already, and waits until every process has
-/// completed `max_ts`.
-fn caught_up(engines: &[&[&Process]], total: i64, max_ts: u64, last: Option<(&str, &Path)>) {
+/// Waits until each engine (its processes together) has read the `total` messages of the log
+/// and its state reflects them; returns the time each engine's state is complete at, once
+/// every process of the engine has reached it. Once a worker has read everything, the event
+/// clock moves past its newest records: that time is `max_ts`, or a little later when a
+/// worker's last messages went in after another's had moved the clock past it (see
+/// `kafka_log::finish_and_compare`).
+fn caught_up(engines: &[&[&Process]], total: i64, max_ts: u64) -> Vec<u64> {
+    let mut times = Vec::new();
     for engine in engines {
         for e in engine.iter() {
             e.wait_for(120, "readiness", |e| e.get("/readyz").0 == 200);
         }
         // Each process reports the partitions its own workers read.
-        let read = || -> i64 { engine.iter().map(|e| positions(e, "read_position")).sum() };
+        let sum = |field: &str| -> i64 { engine.iter().map(|e| positions(e, field)).sum() };
         let deadline = Instant::now() + Duration::from_secs(120);
-        while read() < total {
-            assert!(Instant::now() < deadline, "messages not all read");
+        while sum("read_position") < total || sum("position") < total {
+            assert!(
+                Instant::now() < deadline,
+                "messages not all read and reflected"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
+        let as_of = |e: &Process| e.get("/v1/status").1["as_of_ms"].as_u64().unwrap_or(0);
+        let at = engine.iter().map(|e| as_of(e)).max().unwrap_or(0);
+        assert!(at >= max_ts, "complete at {at}, before {max_ts}");
+        for e in engine.iter() {
+            e.wait_for(60, "every process at the same time", |e| as_of(e) >= at);
+        }
+        times.push(at);
     }
-    if let Some((brokers, last)) = last {
-        produce(brokers, EVENTS, last);
-    }
-    for e in engines.iter().flat_map(|e| e.iter()) {
-        e.wait_for(60, "the clock to pass max_ts", |e| {
-            e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(max_ts)
-        });
-    }
+    times
 }
 
 /// A one-event log of user `zz-last` at `ts`, which moves the event clock there.
@@ -178,7 +185,6 @@ fn two_processes_of_two_workers_match_one_process() {
     create_topics(&broker);
     produce(&broker.addr, CATALOG, &catalog);
     produce(&broker.addr, EVENTS, &events);
-    let last = clock_event(dir.path(), "zz-last", max_ts + 1);
     let total = (lines(&events).len() + lines(&catalog).len()) as i64;
 
     let mut single = spawn_listening({
@@ -197,21 +203,28 @@ fn two_processes_of_two_workers_match_one_process() {
         THREADS,
         &Cluster::layout(),
     ));
-    caught_up(
+    let times = caught_up(
         &[&[&single], &[&cluster.processes[0], &cluster.processes[1]]],
         total,
         max_ts,
-        Some((&broker.addr, &last)),
     );
+    let (at_single, at) = (times[0], times[1]);
+    // The replay's profiles with its clock ending at `at`.
+    let expected_at = |at: u64| -> Vec<Value> {
+        let profiles = if at == max_ts {
+            expected.clone()
+        } else {
+            replay_until(dir.path(), (&events, &catalog), at)
+        };
+        profiles.into_values().collect()
+    };
 
-    // The same profiles from the single process, and from either process of the cluster;
-    // and those are the replay's.
-    let (one, _) = profiles_at(&single, &users, max_ts);
-    let (via0, owners0) = profiles_at(&cluster.processes[0], &users, max_ts);
-    let (via1, owners1) = profiles_at(&cluster.processes[1], &users, max_ts);
-    let expected: Vec<Value> = expected.values().cloned().collect();
-    support::assert_profiles_eq(&one, &expected, "1x1 vs replay");
-    support::assert_profiles_eq(&via0, &one, "2x2 through process 0 vs 1x1");
+    // The replay's profiles from the single process, and from either process of the cluster.
+    let (one, _) = profiles_at(&single, &users, at_single);
+    let (via0, owners0) = profiles_at(&cluster.processes[0], &users, at);
+    let (via1, owners1) = profiles_at(&cluster.processes[1], &users, at);
+    support::assert_profiles_eq(&one, &expected_at(at_single), "1x1 vs replay");
+    support::assert_profiles_eq(&via0, &expected_at(at), "2x2 through process 0 vs replay");
     assert_eq!(via0, via1, "process 0 and process 1 answer alike");
     // Each answer names its owner, the same whichever process was asked, and every worker of
     // the cluster owns some users.
@@ -303,27 +316,19 @@ fn two_processes_of_two_workers_match_one_process() {
         survivor.log_tail(20)
     );
 
-    // The whole cluster restarted reads the topic again, to the same profiles. It reads the
-    // last event among the others (the clock may pass max_ts early, making some events late),
-    // so both engines are compared one event later, at max_ts + 1.
+    // The whole cluster restarted reads the topic again, to the replay's profiles.
     cluster.restart();
-    let later = clock_event(dir.path(), "zz-later", max_ts + 2);
-    caught_up(
+    let at = caught_up(
         &[&[&cluster.processes[0], &cluster.processes[1]]],
-        total + 1,
-        max_ts + 1,
-        Some((&broker.addr, &later)),
-    );
-    single.wait_for(60, "the clock to pass max_ts + 1", |e| {
-        e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(max_ts + 1)
-    });
-    let (one_later, _) = profiles_at(&single, &users, max_ts + 1);
-    let (again, _) = profiles_at(&cluster.processes[1], &users, max_ts + 1);
-    support::assert_profiles_eq(&again, &one_later, "restarted 2x2 vs 1x1");
+        total,
+        max_ts,
+    )[0];
+    let (again, _) = profiles_at(&cluster.processes[1], &users, at);
+    support::assert_profiles_eq(&again, &expected_at(at), "restarted 2x2 vs replay");
 
     // Erasure through the process that does not own the user (forwarded to the owner), and
     // as a control record on the topic, which the single process honours too.
-    let (_, owners) = profiles_at(&cluster.processes[0], &users, max_ts + 1);
+    let (_, owners) = profiles_at(&cluster.processes[0], &users, at);
     let remote = users.iter().find(|u| owners[*u].0 == "1").unwrap();
     let on_topic = users.iter().find(|u| *u != remote).unwrap();
     let encoded = |u: &str| utf8_percent_encode(u, NON_ALPHANUMERIC).to_string();

@@ -197,47 +197,78 @@ pub fn start_engine(dir: &Path, brokers: &str, workers: usize, engine: &str) -> 
     spawn_listening(cmd)
 }
 
-/// Waits until `total` messages are consumed, moves the clock past `max_ts` with a last event of
-/// another user, and checks every profile against the replay at `as_of_ms = max_ts`.
+/// Waits until the engine has read all `total` messages and its state reflects them, then
+/// checks every profile against the replay of `log` (events, catalog). Once a worker has read
+/// everything, the event clock moves past its last records, so the state completes at the
+/// newest time put in: `max_ts` when every message was read before the one carrying it went
+/// idle. A message read after the clock passed `max_ts` (another partition's, delivered later)
+/// goes in at a later time, as in any run that reads in arrival order; the state is then
+/// compared with a replay that ends at that time too (`replay_until`).
 pub fn finish_and_compare(
     dir: &Path,
     engine: &Process,
-    brokers: &str,
     total: i64,
+    log: (&Path, &Path),
     max_ts: u64,
     expected: &BTreeMap<String, Value>,
 ) {
-    // Under the event clock the newest events complete only when a later ts arrives, so wait
-    // for everything to be read, then send that later event.
     engine.wait_for(120, "every produced message read", |e| {
         positions(e, "read_position") == total
-    });
-    let last = dir.join("last.jsonl");
-    write_lines(
-        &last,
-        &[format!(
-            r#"{{"event_id":"zz-last","user_id":"zz-last","type":"page_view","ts":{}}}"#,
-            max_ts + 1
-        )],
-    );
-    produce(brokers, EVENTS, &last);
-    engine.wait_for(60, "the clock to pass max_ts", |e| {
-        e.get("/v1/status").1["as_of_ms"].as_u64() >= Some(max_ts)
     });
     engine.wait_for(60, "positions reflected in the state", |e| {
         positions(e, "position") >= total
     });
+    let as_of = engine.get("/v1/status").1["as_of_ms"]
+        .as_u64()
+        .expect("as_of_ms in the status");
+    assert!(as_of >= max_ts, "the state at {as_of} is before {max_ts}");
+    let later;
+    let expected = if as_of == max_ts {
+        expected
+    } else {
+        eprintln!(
+            "the state is complete at {as_of}, max_ts + {}",
+            as_of - max_ts
+        );
+        later = replay_until(dir, log, as_of);
+        &later
+    };
     let mut actual = Vec::new();
     for user in expected.keys() {
         let path = format!(
-            "/v1/users/{}?min_as_of_ms={max_ts}&timeout_ms=10000",
+            "/v1/users/{}?min_as_of_ms={as_of}&timeout_ms=10000",
             utf8_percent_encode(user, NON_ALPHANUMERIC)
         );
         let (status, p, _) = engine.get(&path);
         assert_eq!(status, 200, "{user}: {p}");
-        assert_eq!(p["as_of_ms"].as_u64(), Some(max_ts), "{user}: {p}");
+        assert_eq!(p["as_of_ms"].as_u64(), Some(as_of), "{user}: {p}");
         actual.push(p);
     }
     let expected: Vec<Value> = expected.values().cloned().collect();
     super::assert_profiles_eq(&actual, &expected, "kafka run vs replay");
+}
+
+/// The replay of `log` (with the `[engine]` settings of the last [`replay_config`] in `dir`)
+/// with its clock ending at `at`: the log and one event of another user at `at`, whose
+/// profile is left out.
+pub fn replay_until(
+    dir: &Path,
+    (events, catalog): (&Path, &Path),
+    at: u64,
+) -> BTreeMap<String, Value> {
+    let extended = dir.join("events-until.jsonl");
+    let mut log = lines(events);
+    log.push(format!(
+        r#"{{"event_id":"zz-clock","user_id":"zz-clock","type":"page_view","ts":{at}}}"#
+    ));
+    write_lines(&extended, &log);
+    let engine = std::fs::read_to_string(dir.join("replay.toml"))
+        .unwrap()
+        .strip_prefix(ENGINE)
+        .expect("a replay config in the test's folder")
+        .to_string();
+    let (until, mut profiles, _) = replay_config(dir, &extended, catalog, &engine);
+    assert_eq!(until, at);
+    profiles.remove("zz-clock");
+    profiles
 }
