@@ -89,6 +89,17 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The item ids its events and catalog name.
+    pub fn items(&self) -> impl Iterator<Item = u64> + '_ {
+        self.records
+            .iter()
+            .map(|e| e.item)
+            .chain(self.sealed.iter().map(|(e, _)| e.item))
+            .chain(self.basics.iter().flat_map(|b| b.items()))
+            .chain(self.catalog.iter().map(|c| c.item))
+            .filter(|i| *i != NO_ITEM && *i != SEALED_ID)
+    }
+
     /// Fills in the strings of every id the events and catalog name. Control records name
     /// none: an erased user's id string is not written.
     fn name_ids(&mut self, names: &Names, kinds: ControlKinds) {

@@ -51,6 +51,9 @@ pub fn timely_config(cluster: &Cluster) -> timely::Config {
 type Note = (u64, u64, String);
 
 /// One worker's announcements of the strings it parses (cluster only).
+/// The `user` of a note that names an item (no user's hash is ever this).
+const ITEM_NOTE: u64 = persona_dataflows::SEALED_ID;
+
 pub struct Announcer {
     announced: HashSet<u64, foldhash::fast::RandomState>,
     /// Strings only the owner of a user needs: the user id, and event ids (tie rules).
@@ -79,7 +82,10 @@ impl Announcer {
                             for ((user, hash, name), _, _) in data.drain(..) {
                                 let name: String = name;
                                 // Owned notes are a user's name or one of its event ids.
-                                if user != persona_dataflows::NO_ITEM && hash != user {
+                                if user == ITEM_NOTE {
+                                    names.insert(hash, &name);
+                                    names.mark_item(hash);
+                                } else if user != persona_dataflows::NO_ITEM && hash != user {
                                     names.insert_event_id(hash, &name);
                                 } else {
                                     names.insert(hash, &name);
@@ -100,7 +106,13 @@ impl Announcer {
     }
 
     fn note(&mut self, owned: bool, user: u64, hash: u64, names: &Names) {
-        if hash == persona_dataflows::NO_ITEM || !self.announced.insert(hash) {
+        // An item is announced as one even if its string was announced as another kind of id.
+        let key = if user == ITEM_NOTE {
+            hash.rotate_left(32)
+        } else {
+            hash
+        };
+        if hash == persona_dataflows::NO_ITEM || !self.announced.insert(key) {
             return;
         }
         if let Some(name) = names.get(hash) {
@@ -120,12 +132,12 @@ impl Announcer {
             self.note(true, event.user, event.id, names);
         }
         self.note(false, 0, event.kind, names);
-        self.note(false, 0, event.item, names);
+        self.note(false, ITEM_NOTE, event.item, names);
     }
 
     /// Announces a catalog record's item and category.
     pub fn catalog(&mut self, item: u64, category: u64, names: &Names) {
-        self.note(false, 0, item, names);
+        self.note(false, ITEM_NOTE, item, names);
         self.note(false, 0, category, names);
     }
 

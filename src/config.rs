@@ -522,11 +522,13 @@ fn apply_env(
                 SECTIONS.join(", ")
             );
         }
-        // A token such as "1e10" must not turn into a number.
+        // A token such as "1e10" must not turn into a number, nor a segment rule such as
+        // `true` into a boolean (a quoted TOML string is still read as one).
         let parsed = (!key.ends_with("token"))
             .then(|| toml::from_str::<toml::Table>(&format!("v = {value}")).ok())
             .flatten()
             .and_then(|mut t| t.remove("v"))
+            .filter(|v| section != "segments" || v.is_str())
             .unwrap_or_else(|| toml::Value::String(value.clone()));
         let entry = table
             .entry(section.to_string())
@@ -1153,8 +1155,18 @@ mod tests {
                 r#"["2h"]"#.to_string(),
             ),
             ("HOME".to_string(), "/root".to_string()),
+            // Rules are strings, whatever else they parse as; a quoted one is unquoted.
+            ("PERSONA_SEGMENTS_ALL".to_string(), "true".to_string()),
+            ("PERSONA_SEGMENTS_ONE".to_string(), "1 == 1".to_string()),
+            (
+                "PERSONA_SEGMENTS_QUOTED".to_string(),
+                r#""event_count > 2""#.to_string(),
+            ),
         ];
         let c = Config::load(None, env).unwrap();
+        assert_eq!(c.segments["all"], "true");
+        assert_eq!(c.segments["one"], "1 == 1");
+        assert_eq!(c.segments["quoted"], "event_count > 2");
         assert_eq!(c.http.listen, "127.0.0.1:9999");
         assert_eq!(c.source.catalog_path, PathBuf::from("x/cat.jsonl"));
         assert_eq!(c.engine.workers, 3);

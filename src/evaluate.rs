@@ -110,6 +110,29 @@ fn lines(path: &Path) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// Keeps one copy of each event id, the one the engine keeps (the smallest event, by `ts`
+/// first), so that a redelivered copy neither moves a user's split nor scores as held out.
+fn dedup(parsed: &mut [Option<persona_dataflows::Event>]) {
+    let mut kept: HashMap<u64, usize> = HashMap::new();
+    for n in 0..parsed.len() {
+        let Some(e) = &parsed[n] else { continue };
+        match kept.entry(e.id) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(n);
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                let k = *o.get();
+                if parsed[k].as_ref().is_some_and(|old| e < old) {
+                    parsed[k] = None;
+                    o.insert(n);
+                } else {
+                    parsed[n] = None;
+                }
+            }
+        }
+    }
+}
+
 /// Precision, recall and NDCG of one list against one user's relevant items.
 fn score_list(list: &[u64], relevant: &HashSet<u64>, k: usize) -> (f64, f64, f64) {
     let mut hits = 0usize;
@@ -139,10 +162,11 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
     }
     let names = Names::default();
     let raw = lines(&args.events)?;
-    let parsed: Vec<Option<persona_dataflows::Event>> = raw
+    let mut parsed: Vec<Option<persona_dataflows::Event>> = raw
         .iter()
         .map(|l| parse::parse_event(l, &names, None).ok())
         .collect();
+    dedup(&mut parsed);
     // Which lines train: before a timestamp, or each user's first fraction of events.
     let mut is_train = vec![false; raw.len()];
     let split = match args.split_at.parse::<u64>() {
@@ -207,6 +231,9 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
     drop(train);
     if train_events == 0 || test_events == 0 {
         bail!("the split {split} leaves {train_events} training and {test_events} held-out events; both must be non-empty");
+    }
+    if held_out.is_empty() {
+        bail!("the split {split} leaves {test_events} held-out events, none with an item: no user has anything to score");
     }
     // user → (all held-out items, those new to the user)
     let mut users: Vec<(u64, HashSet<u64>, HashSet<u64>)> = held_out
@@ -300,9 +327,15 @@ pub fn evaluate(settings: Settings, args: &EvaluateArgs) -> Result<Evaluation> {
 pub fn table_rows(e: &Evaluation) -> String {
     let mut out = String::new();
     for ((relevant, name), s) in &e.strategies {
+        // No user to average over: no score.
+        let scores = if s.users == 0 {
+            "- | - | -".to_string()
+        } else {
+            format!("{:.4} | {:.4} | {:.4}", s.precision, s.recall, s.ndcg)
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} ({} warm) | {:.4} | {:.4} | {:.4} |\n",
-            e.label, relevant, name, s.users, s.warm, s.precision, s.recall, s.ndcg
+            "| {} | {} | {} | {} ({} warm) | {scores} |\n",
+            e.label, relevant, name, s.users, s.warm
         ));
     }
     out

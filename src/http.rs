@@ -126,7 +126,7 @@ where
         async move { Ok::<_, Infallible>(route(req, &shared).await) }
     });
     let conn = http1::Builder::new()
-        .max_buf_size(64 * 1024)
+        .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(limits.max_headers)
         .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
         .timer(hyper_util::rt::TokioTimer::new())
@@ -135,6 +135,9 @@ where
         tracing::debug!("connection ended: {e}");
     }
 }
+
+/// The largest request head served (request line and header fields).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// What a request asks for, by method and path segments (ids still percent-encoded).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,7 +234,7 @@ async fn route(req: Request<Incoming>, shared: &Arc<Shared>) -> Reply {
         Route::OpenApi => ("openapi", openapi(shared)),
         Route::Recommendations(user) => (
             "recommendations",
-            recommendations(shared, user, query).await,
+            recommendations(shared, user, query, req.method() == Method::HEAD).await,
         ),
         Route::Similar(item) => ("similar", similar(shared, item, query).await),
         Route::Status => ("status", status(shared, forwarded).await),
@@ -374,13 +377,15 @@ pub const MAX_LIMIT: u64 = 100;
 const DEFAULT_LIMIT: u64 = 10;
 
 pub fn limit_param(query: Option<&str>) -> Result<usize, Box<Reply>> {
-    match number_param(query, "limit")? {
-        None => Ok(DEFAULT_LIMIT as usize),
-        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n as usize),
-        Some(n) => Err(Box::new(error(
+    let Some(v) = param(query, "limit") else {
+        return Ok(DEFAULT_LIMIT as usize);
+    };
+    match v.parse::<u64>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n as usize),
+        _ => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            format!("limit must be between 1 and {MAX_LIMIT}, got {n}"),
+            format!("limit must be an integer from 1 to {MAX_LIMIT}, got {v:?}"),
         ))),
     }
 }
@@ -411,7 +416,13 @@ fn unanswered(shared: &Arc<Shared>, answer: Answer, what: &str) -> Reply {
     }
 }
 
-async fn recommendations(shared: &Arc<Shared>, raw_user: &str, query: Option<&str>) -> Reply {
+/// `head`: a `HEAD` request, which shows no items, so it counts as no exposure.
+async fn recommendations(
+    shared: &Arc<Shared>,
+    raw_user: &str,
+    query: Option<&str>,
+    head: bool,
+) -> Reply {
     let (user_id, limit) = match (path_id(raw_user, "user"), limit_param(query)) {
         (Ok(u), Ok(l)) => (u, l),
         (Err(r), _) | (_, Err(r)) => return *r,
@@ -456,7 +467,9 @@ async fn recommendations(shared: &Arc<Shared>, raw_user: &str, query: Option<&st
             worker,
             items,
         } => {
-            shared.metrics.exposed(&name, items.len());
+            if !head {
+                shared.metrics.exposed(&name, items.len());
+            }
             let body = render::recommendations(&user_id, as_of, &name, &items, &shared.names);
             answered_by(json_reply(StatusCode::OK, &body), worker)
         }
@@ -484,7 +497,7 @@ async fn similar(shared: &Arc<Shared>, raw_item: &str, query: Option<&str>) -> R
         .await;
     match answer {
         // An id no event or catalog record ever named is unknown; a known item may have none.
-        Answer::Similar { as_of, .. } if shared.names.get(item).is_none() => missing_at(
+        Answer::Similar { as_of, .. } if !shared.names.is_item(item) => missing_at(
             "item_not_found",
             format!("no event or catalog record names item {item_id:?} as of {as_of}"),
             as_of,
@@ -615,6 +628,25 @@ fn refuse(req: &Request<Incoming>, segments: &[&str], shared: &Arc<Shared>) -> O
                 limits.max_uri_bytes
             ),
         ));
+    }
+    // hyper's buffer limit bounds a head only as read: one that arrives in one piece can pass.
+    let head: usize = length
+        + req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if head > MAX_HEAD_BYTES {
+        shared.metrics.refused("header_too_large");
+        let mut reply = error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            format!("the request head is about {head} bytes; the limit is {MAX_HEAD_BYTES}"),
+        );
+        reply
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return Some(reply);
     }
     let scope = crate::auth::scope(req.method(), segments);
     let header = req.headers().get(hyper::header::AUTHORIZATION);

@@ -28,6 +28,9 @@ pub struct Names {
     /// event's detail is sealed (`engine.retention`), when they are forgotten. One per device
     /// event: ids of up to 24 bytes are stored inline, without an allocation each.
     event_ids: Arc<DashMap<u64, CompactString, RandomState>>,
+    /// The ids named as items (an event's `item_id`, a catalog record's): the table also holds
+    /// users, types and categories, which are not items to `/similar`.
+    items: Arc<DashMap<u64, (), RandomState>>,
     /// Unique per table (clones share it), for the per-thread cache.
     id: u64,
 }
@@ -38,6 +41,7 @@ impl Default for Names {
         Names {
             table: Arc::default(),
             event_ids: Arc::default(),
+            items: Arc::default(),
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -45,6 +49,8 @@ impl Default for Names {
 
 /// Slots of the per-thread cache of hashes known to be in a table.
 const KNOWN_SLOTS: usize = 1 << 14;
+/// Mixed into an item's hash for its entry in that cache (the item mark, not the string).
+const ITEM_KEY: u64 = 0x9e37_79b9_7f4a_7c15;
 
 thread_local! {
     /// Per thread: the table the cache is for (its id) and a direct-mapped set of hashes
@@ -57,23 +63,55 @@ impl Names {
     /// Hashes `s` and remembers its string.
     pub fn intern(&self, s: &str) -> u64 {
         let h = hash(s);
-        let table = self.id;
-        let slot = (h as usize) & (KNOWN_SLOTS - 1);
-        let known = KNOWN.with_borrow(|(owner, set)| *owner == table && set[slot] == h);
-        if !known {
+        if !self.known_here(h) {
             if !self.table.contains_key(&h) {
                 self.table.entry(h).or_insert_with(|| Arc::from(s));
             }
-            KNOWN.with_borrow_mut(|(owner, set)| {
-                if *owner != table {
-                    *owner = table;
-                    set.clear();
-                    set.resize(KNOWN_SLOTS, NO_ITEM);
-                }
-                set[slot] = h;
-            });
+            self.remember_here(h);
         }
         h
+    }
+
+    /// [`Names::intern`] for an item id: also remembers that it names an item.
+    pub fn intern_item(&self, s: &str) -> u64 {
+        let h = self.intern(s);
+        // Its own key in the per-thread cache, apart from the string's.
+        let key = h.rotate_left(32) ^ ITEM_KEY;
+        if !self.known_here(key) {
+            self.mark_item(h);
+            self.remember_here(key);
+        }
+        h
+    }
+
+    /// Remembers that `h` names an item (announced by another process, or restored).
+    pub fn mark_item(&self, h: u64) {
+        if !self.items.contains_key(&h) {
+            self.items.insert(h, ());
+        }
+    }
+
+    /// Whether an event or catalog record named `h` as an item.
+    pub fn is_item(&self, h: u64) -> bool {
+        self.items.contains_key(&h)
+    }
+
+    /// Whether this thread's cache holds `key` for this table.
+    fn known_here(&self, key: u64) -> bool {
+        let slot = (key as usize) & (KNOWN_SLOTS - 1);
+        KNOWN.with_borrow(|(owner, set)| *owner == self.id && set[slot] == key)
+    }
+
+    fn remember_here(&self, key: u64) {
+        let slot = (key as usize) & (KNOWN_SLOTS - 1);
+        KNOWN.with_borrow_mut(|(owner, set)| {
+            if *owner != self.id {
+                *owner = self.id;
+                set.clear();
+                set.resize(KNOWN_SLOTS, NO_ITEM);
+            }
+            set[slot] = key;
+        });
     }
 
     /// Remembers `s` as the string of `h` (announced by another process of a cluster).

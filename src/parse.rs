@@ -284,7 +284,7 @@ pub fn parse_event(line: &[u8], names: &Names, max_ts: Option<u64>) -> Result<Ev
             crate::names::hash(event_id)
         },
         kind: names.intern(kind),
-        item: item.map(|i| names.intern(i)).unwrap_or(NO_ITEM),
+        item: item.map(|i| names.intern_item(i)).unwrap_or(NO_ITEM),
         value_bits: value.to_bits(),
         device,
     })
@@ -517,7 +517,7 @@ pub fn parse_catalog(line: &[u8], names: &Names) -> Result<CatalogRecord, Reject
         None => None,
     };
     Ok(CatalogRecord {
-        item: names.intern(item),
+        item: names.intern_item(item),
         category,
         deleted: raw.deleted.unwrap_or(false),
     })

@@ -125,6 +125,9 @@ fn restore_checkpoint(
             for (h, s) in &c.names {
                 shared.names.insert(*h, s);
             }
+            for item in c.items() {
+                shared.names.mark_item(item);
+            }
             shared.max_ts.fetch_max(c.max_ts, Ordering::AcqRel);
             tracing::info!(
                 path = %path.display(),

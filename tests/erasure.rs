@@ -166,6 +166,22 @@ fn tokens_guard_reads_and_erasure() {
     // Request limits.
     let long = format!("/v1/users/{}", "x".repeat(600));
     assert_eq!(p.call("GET", &long, Some(READ)).0, 414);
+    // A head over 64 KiB, however it arrives: a JSON 431, and the connection closes.
+    let big = match ureq::get(&format!("{}/healthz", p.base))
+        .set("X-Big", &"a".repeat(66_000))
+        .call()
+    {
+        Err(ureq::Error::Status(431, r)) => r,
+        other => panic!("a 66 kB header: {other:?}"),
+    };
+    assert_eq!(big.header("connection"), Some("close"));
+    assert!(big.header("x-persona-process").is_some());
+    let body: Value = serde_json::from_str(&big.into_string().unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "header_too_large", "{body}");
+    let fits = ureq::get(&format!("{}/healthz", p.base))
+        .set("X-Big", &"a".repeat(60_000))
+        .call();
+    assert_eq!(fits.map(|r| r.status()).ok(), Some(200));
 
     let text = ureq::get(&format!("{}/metrics", p.base))
         .set("Authorization", &format!("Bearer {READ}"))

@@ -409,16 +409,82 @@ fn recommendations_and_similar_items_over_http() {
         ("/v1/users/d/recommendations?limit=101", 400),
         ("/v1/users/d/recommendations?strategy=nope", 400),
         ("/v1/items/never-seen/similar", 404),
+        // Named, but not as an item: a user, an event type, a catalog category.
+        ("/v1/items/a/similar", 404),
+        ("/v1/items/product_view/similar", 404),
+        ("/v1/items/shoes/similar", 404),
     ] {
         let (s, body, _) = engine.get(path);
         assert_eq!(s, status, "{path}: {body}");
         assert!(body["error"]["code"].is_string(), "{path}: {body}");
     }
-    let metrics = engine.metrics();
-    assert!(
-        metrics.contains("persona_recommendation_exposures_total{strategy=\"item_item\"}"),
-        "{metrics}"
+    let exposures = |e: &Engine| -> u64 {
+        e.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("persona_recommendation_exposures_total{strategy=\"item_item\"} ")
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .expect("item_item exposures in the metrics")
+    };
+    let before = exposures(&engine);
+    assert!(before > 0);
+    // A HEAD shows no items: no exposure.
+    let (status, _, _) = engine.call(
+        "HEAD",
+        "/v1/users/a/recommendations?strategy=item_item",
+        None,
     );
+    assert_eq!(status, 200);
+    assert_eq!(exposures(&engine), before);
+    let shown = items("/v1/users/a/recommendations?strategy=item_item").len() as u64;
+    assert_eq!(exposures(&engine), before + shown);
+}
+
+/// `run` under the event clock reflects every line it has read without waiting for a later
+/// `ts`: once the log is read, the clock moves 1 ms past the last batch. An appended line with
+/// no newer `ts` is reflected too (the clock then runs 1 ms ahead); a newer one moves the clock
+/// to its `ts` again. One worker, so that the times are exact.
+#[test]
+fn event_clock_reflects_the_last_lines_without_a_later_event() {
+    const T0: u64 = 1_700_000_000_000;
+    let initial = [
+        event("e1", "u1", "click", T0, None),
+        event("e2", "u2", "click", T0 + 500, None),
+        event("e3", "u1", "product_view", T0 + 2_000, Some("i1")),
+    ];
+    let engine = Engine::start_with(
+        &initial,
+        &[
+            ("PERSONA_ENGINE_CLOCK", "event"),
+            ("PERSONA_ENGINE_ALLOWED_LATENESS", "0s"),
+            ("PERSONA_ENGINE_WORKERS", "1"),
+        ],
+    );
+    let (status, p, _) = engine.get("/v1/users/u1");
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["event_count"].as_u64(), Some(2), "{p}");
+    assert_eq!(p["as_of_ms"].as_u64(), Some(T0 + 2_000), "{p}");
+    assert_eq!(p["windows"]["1h"]["product_view"].as_u64(), Some(1), "{p}");
+
+    // No newer ts: reflected all the same, 1 ms later.
+    engine.append(&[event("e4", "u3", "click", T0 + 2_000, None)]);
+    engine.wait_for(30, "the appended line reflected", |e| {
+        e.get("/v1/users/u3").0 == 200
+    });
+    let (_, p, _) = engine.get("/v1/users/u3");
+    assert_eq!(p["event_count"].as_u64(), Some(1), "{p}");
+    assert_eq!(p["as_of_ms"].as_u64(), Some(T0 + 2_001), "{p}");
+
+    // A newer ts moves the clock to it; a read at it is answered without a later event.
+    engine.append(&[event("e5", "u1", "click", T0 + 5_000, None)]);
+    let (status, p, _) = engine.get(&format!(
+        "/v1/users/u1?min_as_of_ms={}&timeout_ms=20000",
+        T0 + 5_000
+    ));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["event_count"].as_u64(), Some(3), "{p}");
+    assert_eq!(p["as_of_ms"].as_u64(), Some(T0 + 5_000), "{p}");
 }
 
 /// The out-of-the-box path: `persona` with no arguments, from the repository root, serves the
