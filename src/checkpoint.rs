@@ -103,6 +103,15 @@ impl Checkpoint {
     /// Fills in the strings of every id the events and catalog name. Control records name
     /// none: an erased user's id string is not written.
     fn name_ids(&mut self, names: &Names, kinds: ControlKinds) {
+        self.names = self
+            .named_ids(kinds)
+            .into_iter()
+            .filter_map(|h| names.get(h).map(|s| (h, s.to_string())))
+            .collect();
+    }
+
+    /// Every id the events (control records aside) and catalog name.
+    pub fn named_ids(&self, kinds: ControlKinds) -> HashSet<u64> {
         let mut ids: HashSet<u64> = HashSet::new();
         for e in self.records.iter().filter(|e| !kinds.is_control(e)) {
             ids.extend([e.user, e.id, e.kind, e.item]);
@@ -119,10 +128,7 @@ impl Checkpoint {
         }
         ids.remove(&NO_ITEM);
         ids.remove(&SEALED_ID);
-        self.names = ids
-            .into_iter()
-            .filter_map(|h| names.get(h).map(|s| (h, s.to_string())))
-            .collect();
+        ids
     }
 }
 

@@ -274,6 +274,18 @@ impl MaxShare {
 }
 
 static PEER_LOST: AtomicBool = AtomicBool::new(false);
+static FORMED: AtomicBool = AtomicBool::new(false);
+
+/// Records that timely has connected every process (the workers run).
+pub fn formed() {
+    FORMED.store(true, Ordering::Release);
+}
+
+/// Whether this process of `cluster` still waits for the others to connect: timely blocks
+/// the start until they do, so a stop then cannot go through the workers.
+pub fn forming(cluster: Option<&Cluster>) -> bool {
+    cluster.is_some() && !FORMED.load(Ordering::Acquire)
+}
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// Whether this process has lost its connection to another process of the cluster.

@@ -265,6 +265,7 @@ pub fn start(
         &mut config.worker,
         &differential_dataflow::Config::default().idle_merge_effort(Some(1000)),
     );
+    let shared_for_error = shared.clone();
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
         lower_priority(shared.settings.worker_nice, "worker");
@@ -280,7 +281,15 @@ pub fn start(
         }
         result
     })
-    .map_err(|e| anyhow!("cannot start workers: {e}"))?;
+    .map_err(|e| match &shared_for_error.settings.cluster {
+        // timely binds this process's address there and says only "Address already in use".
+        Some(c) => anyhow!(
+            "cannot start workers: {e} (this process's timely address {}, cluster.addresses[{}])",
+            c.addresses.get(c.process).map_or("?", String::as_str),
+            c.process
+        ),
+        None => anyhow!("cannot start workers: {e}"),
+    })?;
     Ok(guards)
 }
 

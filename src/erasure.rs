@@ -97,6 +97,15 @@ pub fn load_family(path: &Path) -> Result<Vec<Erasure>> {
     Ok(out)
 }
 
+/// The files of [`load_family`] that exist, for messages.
+pub fn family_files(path: &Path) -> Vec<PathBuf> {
+    family(path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect()
+}
+
 /// `path` without a `.pN` suffix, and every `.pN` sibling that exists.
 fn family(path: &Path) -> Result<Vec<PathBuf>> {
     if path.as_os_str().is_empty() {

@@ -113,10 +113,11 @@ pub fn replay(
     // A backfill must not bring erased users back.
     let erased = shared.load_erasures()?;
     if erased > 0 {
-        eprintln!(
-            "applying {erased} erasures from {}",
-            shared.erasures.path().display()
-        );
+        let files: Vec<String> = crate::erasure::family_files(shared.erasures.path())
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        eprintln!("applying {erased} erasures from {}", files.join(", "));
     }
     let (tx, rx) = crossbeam_channel::unbounded();
     let mode = Mode::Replay {

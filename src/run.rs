@@ -77,6 +77,7 @@ pub fn command(settings: Settings) -> Result<()> {
     let guards = engine::start(shared.clone(), Mode::Run, None)?;
     if let Some(cluster) = &shared.settings.cluster {
         // timely has connected every process by now.
+        crate::cluster::formed();
         tracing::info!(
             process = cluster.process,
             processes = cluster.processes(),
@@ -120,8 +121,18 @@ fn restore_checkpoint(
     let store = Arc::new(crate::checkpoint::Store::new(settings.dir.clone()));
     let loaded = store.load()?;
     let mut restored = None;
+    let erased = shared.erased_users();
+    let mut stale = false;
     let said = match loaded {
-        Some((path, c)) => {
+        Some((path, mut c)) => {
+            // A crash between an erasure and the checkpoint after it leaves the user in the
+            // newest one: restore without them (their sealed part too, which the erasure
+            // record at start cannot reach: it is seeded, not fed), and replace it (and every
+            // older one) at once, as right after a `DELETE`.
+            stale = holds_erased(&c, &erased, shared.controls);
+            if stale {
+                withdraw_erased(&mut c, &erased, shared.controls);
+            }
             for (h, s) in &c.names {
                 shared.names.insert(*h, s);
             }
@@ -149,11 +160,6 @@ fn restore_checkpoint(
             settings.dir.display()
         ),
     };
-    // A crash between an erasure and the checkpoint after it leaves the user in the newest
-    // one: replace it (and every older one) at once, as right after a `DELETE`.
-    let stale = restored
-        .as_ref()
-        .is_some_and(|(_, c)| holds_erased(c, &shared.erased_users(), shared.controls));
     let coordinator = crate::checkpoint::Coordinator::start(
         store,
         std::time::Duration::from_millis(settings.every_ms),
@@ -171,11 +177,38 @@ fn restore_checkpoint(
             .map(|(path, c)| (path.as_path(), &**c)),
     )?;
     if stale {
-        tracing::warn!("the checkpoint holds events of an erased user; replacing it now");
+        tracing::warn!(
+            "the checkpoint holds events of an erased user; restored without them, and replacing it now"
+        );
         coordinator.erased();
     }
     let _ = shared.checkpoints.set(coordinator);
     Ok(said)
+}
+
+/// Takes out of `c` what the erasures in `erased` (user → through) remove: the events up to
+/// `through`, and all of a user's sealed part once `through` reaches into it.
+fn withdraw_erased(
+    c: &mut crate::checkpoint::Checkpoint,
+    erased: &std::collections::HashMap<u64, u64>,
+    kinds: persona_dataflows::ControlKinds,
+) {
+    let erases = |user: u64, ts: u64| erased.get(&user).is_some_and(|&through| ts <= through);
+    c.records
+        .retain(|e| kinds.is_control(e) || !erases(e.user, e.ts));
+    let reached: std::collections::HashSet<u64> = c
+        .sealed
+        .iter()
+        .map(|(e, _)| (e.user, e.ts))
+        .chain(c.basics.iter().map(|b| (b.user, b.first())))
+        .filter(|&(user, ts)| erases(user, ts))
+        .map(|(user, _)| user)
+        .collect();
+    c.sealed.retain(|(e, _)| !reached.contains(&e.user));
+    c.basics.retain(|b| !reached.contains(&b.user));
+    // Nor the id strings nothing left names (an erased user's own).
+    let named = c.named_ids(kinds);
+    c.names.retain(|(h, _)| named.contains(h));
 }
 
 /// Whether `c` holds an event that an erasure in `erased` (user → through) removes.
@@ -244,5 +277,19 @@ mod tests {
         };
         assert!(!holds_erased(&c, &erased(&[(3, 4)]), kinds));
         assert!(holds_erased(&c, &erased(&[(3, 5)]), kinds));
+
+        // Withdrawn: u1's events up to 10, all of u3's sealed part; the rest stays.
+        let gone = erased(&[(1, 10), (3, 5)]);
+        let mut w = c.clone();
+        withdraw_erased(&mut w, &gone, kinds);
+        assert!(!holds_erased(&w, &gone, kinds));
+        assert_eq!(
+            w.records,
+            vec![event(1, 20, 7), event(2, 50, kinds.erasure)]
+        );
+        assert!(w.sealed.is_empty());
+        let mut kept = c.clone();
+        withdraw_erased(&mut kept, &erased(&[(3, 4)]), kinds);
+        assert_eq!(kept.sealed, c.sealed, "an erasure before the sealed part");
     }
 }

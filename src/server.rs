@@ -18,9 +18,12 @@ impl Server {
     /// Binds `listen` now (so a bad address fails at start) and serves until the engine stops.
     /// With `signals`, Ctrl-C / SIGTERM stop the engine.
     pub fn start(listen: &str, shared: Arc<Shared>, signals: bool) -> Result<Server> {
-        let std_listener = std::net::TcpListener::bind(listen).with_context(|| {
-            format!("cannot listen on {listen} (http.listen / PERSONA_HTTP_LISTEN)")
-        })?;
+        let key = match &shared.settings.cluster {
+            Some(c) => format!("cluster.http[{}]", c.process),
+            None => "http.listen / PERSONA_HTTP_LISTEN".to_string(),
+        };
+        let std_listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("cannot listen on {listen} ({key})"))?;
         std_listener.set_nonblocking(true)?;
         let tls = match &shared.settings.http.tls {
             Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
@@ -74,6 +77,11 @@ impl Server {
                                 Some(signal) => tokio::select! {
                                     _ = signal => {
                                         stop.shutdown();
+                                        if crate::cluster::forming(stop.settings.cluster.as_ref()) {
+                                            // Nothing read yet, nothing to deliver.
+                                            tracing::info!("signal received while waiting for the other processes, stopping");
+                                            std::process::exit(0);
+                                        }
                                         tracing::info!("signal received, stopping");
                                         return;
                                     }

@@ -118,6 +118,62 @@ fn with_a_retention_sigkill_loses_nothing_either() {
     assert!(engine.log_contains("resuming from checkpoint"));
     engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
     assert_eq!(engine.get(&format!("/v1/users/{user}")).0, 404);
+
+    // Death between an erasure and its checkpoint: the newest checkpoint still holds the next
+    // user's sealed part, which the restart must leave out, not only replace.
+    let other = expected
+        .iter()
+        .filter(|(u, _)| u.starts_with('u') && **u != user)
+        .min_by_key(|(_, p)| p["first_seen_ms"].as_u64())
+        .map(|(u, _)| u.clone())
+        .unwrap();
+    assert_eq!(engine.get(&format!("/v1/users/{other}")).0, 200);
+    let sealed_user = xxhash_rust::xxh3::xxh3_64(other.as_bytes());
+    let newest = checkpoints(dir.path()).pop().expect("a checkpoint");
+    let c = persona::checkpoint::decode(&std::fs::read(&newest).unwrap()).unwrap();
+    assert!(
+        c.basics.iter().any(|b| b.user == sealed_user),
+        "{other} has no sealed part to erase"
+    );
+    kill(&mut engine);
+    let log = dir.path().join("erasures.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str(&format!(
+        "{{\"user_hash\":\"{sealed_user:016x}\",\"through_ms\":1800000000000,\"requested_at_ms\":1}}\n"
+    ));
+    std::fs::write(&log, text).unwrap();
+    let mut engine = start_engine(
+        dir.path(),
+        &broker.addr,
+        2,
+        &(engine_lines(dir.path()) + retention),
+    );
+    assert!(engine.log_contains("the checkpoint holds events of an erased user"));
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    assert_eq!(engine.get(&format!("/v1/users/{other}")).0, 404);
+    engine.wait_for(
+        30,
+        "a replacement checkpoint without the user's sealed part",
+        |_| {
+            checkpoints(dir.path()).last().is_some_and(|f| {
+                std::fs::read(f)
+                    .ok()
+                    .and_then(|b| persona::checkpoint::decode(&b).ok())
+                    .is_some_and(|c| !c.basics.iter().any(|b| b.user == sealed_user))
+            })
+        },
+    );
+    // And it stays gone from there on.
+    kill(&mut engine);
+    let mut engine = start_engine(
+        dir.path(),
+        &broker.addr,
+        2,
+        &(engine_lines(dir.path()) + retention),
+    );
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    assert_eq!(engine.get(&format!("/v1/users/{other}")).0, 404);
+    assert!(!engine.log_contains("the checkpoint holds events of an erased user"));
     engine.stop();
 }
 
