@@ -50,10 +50,10 @@ pub fn timely_config(cluster: &Cluster) -> timely::Config {
 /// A string a worker parsed for the first time: `(routing user hash, hash, string)`.
 type Note = (u64, u64, String);
 
-/// One worker's announcements of the strings it parses (cluster only).
 /// The `user` of a note that names an item (no user's hash is ever this).
 const ITEM_NOTE: u64 = persona_dataflows::SEALED_ID;
 
+/// One worker's announcements of the strings it parses (cluster only).
 pub struct Announcer {
     announced: HashSet<u64, foldhash::fast::RandomState>,
     /// Strings only the owner of a user needs: the user id, and event ids (tie rules).
@@ -274,6 +274,7 @@ impl MaxShare {
 }
 
 static PEER_LOST: AtomicBool = AtomicBool::new(false);
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 static FORMED: AtomicBool = AtomicBool::new(false);
 
 /// Records that timely has connected every process (the workers run).
@@ -286,7 +287,6 @@ pub fn formed() {
 pub fn forming(cluster: Option<&Cluster>) -> bool {
     cluster.is_some() && !FORMED.load(Ordering::Acquire)
 }
-static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// Whether this process has lost its connection to another process of the cluster.
 pub fn peer_lost() -> bool {
