@@ -9,6 +9,7 @@
 #   WORKERS="1 2 4" scripts/bench-replay.sh
 #   RECS="on" scripts/bench-replay.sh       # only with recommendations on
 #   scripts/bench-replay.sh --cluster       # processes x workers: 1x1, 1x2, 2x1 (LAYOUTS=...)
+#   CLUSTER_PORT=2201 scripts/bench-replay.sh --cluster   # first timely port (HTTP: +100)
 #
 # --cluster replays the log with timely's cluster mode on loopback: each process of a PxW
 # layout reads its share of the log and its workers exchange events with the others' over

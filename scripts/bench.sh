@@ -8,6 +8,7 @@
 #   SIZES="1000000" scripts/bench.sh  # chosen sizes
 #   PATHWAY_MAX=100000 REDIS_MAX=1000000 scripts/bench.sh   # the largest log each peer runs
 #   DATASETS=/path/to/shared/datasets scripts/bench.sh       # default ../shared/datasets
+#   REDIS_PORT=6390 scripts/bench.sh  # the redis row's server port (the default)
 #
 # Rows (each computes the core features: counts by type, first/last seen, event count, spend,
 # distinct items, 30-minute sessions, with de-duplication by event_id):

@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 rounds="${1:-30}"
 scripts/kafka.sh install >/dev/null
 CHAOS_ROUNDS="$rounds" RUST_BACKTRACE=0 \
-  cargo test --release --test chaos sigkill -- --nocapture 2>&1 | grep -E "^chaos:|^test |panicked|differ|test result"
+  cargo test --release --test chaos sigkill -- --nocapture 2>&1 | grep -E "^chaos:|^test |panicked|differ|test result" | grep -v "^ *Compiling"

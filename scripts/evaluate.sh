@@ -2,10 +2,14 @@
 # Offline evaluation of the recommendation strategies on every shared dataset: converts them
 # (scripts/convert-datasets.py), then runs `persona evaluate` with config/evaluate.toml on each,
 # each user's first 80 % of events training, and prints one Markdown table.
-# Usage: scripts/evaluate.sh [DATASETS_DIR]   (default ../shared/datasets)
+# Usage: scripts/evaluate.sh [DATASETS_DIR]   (default $DATASETS, else ../shared/datasets)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATASETS=${1:-../shared/datasets}
+DATASETS=${1:-${DATASETS:-../shared/datasets}}
+if [[ ! -d "$DATASETS" ]]; then
+    echo "evaluate: no datasets folder at $DATASETS (pass it: scripts/evaluate.sh DIR, or DATASETS=DIR)" >&2
+    exit 1
+fi
 SPLIT=${SPLIT:-0.8}
 OUT=target/datasets
 python3 scripts/convert-datasets.py "$DATASETS" "$OUT" >&2

@@ -366,8 +366,8 @@ pub fn command(settings: Settings, cmd: Command) -> Result<()> {
     if cmd.serve {
         let server = Server::start(&listen, replayed.shared.clone(), true)?;
         eprintln!(
-            "serving the final state on http://{} (Ctrl-C to stop)",
-            server.addr
+            "serving the final state on {}://{} (Ctrl-C to stop)",
+            server.scheme, server.addr
         );
         let shared = replayed.shared.clone();
         let result = replayed.join();

@@ -1,6 +1,6 @@
 //! `GET /v1/users/{id}/stream`: server-sent events about one user, as they happen.
 //!
-//! Events: `profile` (the profile JSON, or `null` before the user's first event) on connect and
+//! Events: `profile` (the profile JSON, or `null` while the user has none) on connect and
 //! whenever it changes; `segment` (a trigger, [`crate::live::Trigger`]) the moment a segment is
 //! entered or left; `recommendations` whenever the user's list changes; `dropped` before the
 //! server ends a stream whose client fell behind. A comment line every 15 s keeps proxies from
@@ -9,7 +9,8 @@
 //! The engine only pokes a subscriber ([`crate::live::Hub`]); this task then reads the profile
 //! through the query router at the time of the change, like any GET. The engine never waits
 //! for a client: one that reads too slowly for its triggers gets `dropped` and is closed; one
-//! that stops reading is disconnected after 5 s (it cannot be told).
+//! that stops reading is disconnected once the socket's buffers and [`BODY_FRAMES`] frames
+//! have waited [`STALL`] (it cannot be told).
 
 use crate::engine::Shared;
 use crate::query::{Answer, Ask};
@@ -108,8 +109,9 @@ async fn run(
                     last_profile = Some(key);
                 }
                 Some(_) => {}
-                // No events yet (an empty key stands for the `null` sent).
-                None if last_profile.is_none() => {
+                // No events yet, or none any more (an erasure, a revocation): `null`, once
+                // (an empty key stands for the `null` sent).
+                None if last_profile.as_deref() != Some(&[]) => {
                     send(tx, event("profile", b"null")).await?;
                     last_profile = Some(Vec::new());
                 }

@@ -54,7 +54,8 @@ impl Engine {
         std::fs::write(
             &config,
             format!(
-                "[engine]\nworkers = 2\ntick = \"20ms\"\n\n[source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n[recommendations]\nrefresh = \"100ms\"\n\n[recommendations.experiment]\nitem_item = 1\npopular = 1\n",
+                "[engine]\nworkers = 2\ntick = \"20ms\"\nerasure_log = {:?}\n\n[source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n[triggers]\npath = {:?}\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n[recommendations]\nrefresh = \"100ms\"\n\n[recommendations.experiment]\nitem_item = 1\npopular = 1\n",
+                dir.path().join("erasures.jsonl").display().to_string(),
                 events.display().to_string(),
                 catalog.display().to_string(),
                 dead.display().to_string(),

@@ -59,10 +59,11 @@ impl Engine {
         std::fs::write(&events, "").unwrap();
         std::fs::write(&catalog, "{\"item_id\":\"i1\",\"category\":\"shoes\"}\n").unwrap();
         let mut toml = format!(
-            "[engine]\nworkers = 2\ntick = \"20ms\"\n\n\
+            "[engine]\nworkers = 2\ntick = \"20ms\"\nerasure_log = {:?}\n\n\
              [source]\npath = {:?}\ncatalog_path = {:?}\nfollow = true\ndead_letter_path = {:?}\n\n\
              [http]\nlisten = \"127.0.0.1:0\"\nread_token = {token:?}\n\n\
              [triggers]\nsink = \"file\"\npath = {:?}\nstream_buffer = {stream_buffer}\n",
+            dir.path().join("erasures.jsonl").display().to_string(),
             events.display().to_string(),
             catalog.display().to_string(),
             dead.display().to_string(),
@@ -482,6 +483,17 @@ fn stream_pushes_profile_and_segment_changes() {
         "{}",
         lines(&written)
     );
+
+    // An erasure: the stream no longer shows the profile (a subscriber, the dashboard among
+    // them, must not keep what was erased).
+    let (status, body, _) = engine.call("DELETE", "/v1/users/u1", None);
+    assert_eq!(status, 200, "{body}");
+    let before = stream.seen.len();
+    stream.read_until(&engine, "a null profile after the erasure", |seen| {
+        seen[before..]
+            .iter()
+            .any(|e| e.name == "profile" && e.data == "null")
+    });
 }
 
 #[test]
