@@ -1148,6 +1148,11 @@ fn run_worker(
     let status = &shared.workers[local];
     let mut clock: Time = start_clock;
     inputs.advance_to(clock);
+    // `run` under the event clock: the time this worker last put records in at. Its records
+    // complete only once the clock passes it (see `seal_when_idle`). The start time counts, so
+    // that sources with nothing to read still complete a time: an empty topic is readable
+    // (unknown users are 404, not 503), as with a restored checkpoint, which is below its clock.
+    let mut entered_at: Option<Time> = Some(clock);
     // The erasure log's records enter before any event (one worker of each process).
     if local == 0 {
         let start = std::mem::take(&mut *shared.erased.lock().unwrap_or_else(|p| p.into_inner()));
@@ -1157,6 +1162,7 @@ fn run_worker(
         }
     }
     if let Some(c) = restore {
+        entered_at = None;
         restore_share(
             &c,
             clock_mode,
@@ -1199,9 +1205,6 @@ fn run_worker(
     // Replay: the final state, waiting for the cluster to agree on its time.
     let mut final_state: Option<Vec<(u64, ProfileState)>> = None;
     let mut worker_max_ts = 0u64;
-    // `run` under the event clock: the time this worker last put records in at. Its records
-    // complete only once the clock passes it (see `seal_when_idle`).
-    let mut entered_at: Option<Time> = None;
     // The clock before the last batch read, while that batch is not fully processed.
     let mut in_flight: Option<Time> = None;
     // Lines of the next batch a replay read while it waited for the last one to be processed,
@@ -1571,8 +1574,10 @@ fn run_worker(
         };
         if let Feed::Kafka(reader) = &mut feed {
             reader.completed(completed);
-            // For /v1/status only: a few times a second is enough, not every step.
-            if last_status.elapsed() >= STATUS_EVERY {
+            // For /v1/status only: a few times a second is enough, not every step; but every
+            // step until ready, so that the positions shown once `/readyz` says 200 are those
+            // it was judged on.
+            if last_status.elapsed() >= STATUS_EVERY || !status.caught_up.load(Ordering::Acquire) {
                 last_status = Instant::now();
                 let partitions = reader.status();
                 *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) = partitions;

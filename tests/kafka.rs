@@ -279,6 +279,30 @@ fn broker_down_at_start_and_restarted_mid_stream() {
     engine.stop();
 }
 
+/// Empty topics under the event clock: the engine is ready and answers (an unknown user is
+/// 404, not 503 for want of a complete time); the first event then counts.
+#[test]
+fn empty_topics_are_ready_and_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::memory();
+    create_topics(&broker);
+    let mut engine = start_engine(dir.path(), &broker.addr, 2, "");
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    engine.wait_for(10, "an answer about a user", |e| {
+        e.get("/v1/users/nobody").0 == 404
+    });
+    let first = dir.path().join("first.jsonl");
+    write_lines(
+        &first,
+        &[r#"{"event_id":"e1","user_id":"u1","type":"click","ts":1700000000000}"#.to_string()],
+    );
+    produce(&broker.addr, EVENTS, &first);
+    let (status, p, _) = engine.get("/v1/users/u1?min_as_of_ms=1700000000000&timeout_ms=20000");
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["event_count"], 1, "{p}");
+    engine.stop();
+}
+
 /// More workers than partitions: worker 4 reads nothing and closes its input, and the clock
 /// still advances.
 #[test]
