@@ -265,7 +265,14 @@ pub fn start(
         &mut config.worker,
         &differential_dataflow::Config::default().idle_merge_effort(Some(1000)),
     );
-    let shared_for_error = shared.clone();
+    // timely binds this process's address and says only "Address already in use".
+    let address = shared.settings.cluster.as_ref().map(|c| {
+        format!(
+            " (this process's timely address {}, cluster.addresses[{}])",
+            c.addresses.get(c.process).map_or("?", String::as_str),
+            c.process
+        )
+    });
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
         lower_priority(shared.settings.worker_nice, "worker");
@@ -281,15 +288,7 @@ pub fn start(
         }
         result
     })
-    .map_err(|e| match &shared_for_error.settings.cluster {
-        // timely binds this process's address there and says only "Address already in use".
-        Some(c) => anyhow!(
-            "cannot start workers: {e} (this process's timely address {}, cluster.addresses[{}])",
-            c.addresses.get(c.process).map_or("?", String::as_str),
-            c.process
-        ),
-        None => anyhow!("cannot start workers: {e}"),
-    })?;
+    .map_err(|e| anyhow!("cannot start workers: {e}{}", address.unwrap_or_default()))?;
     Ok(guards)
 }
 
@@ -1315,9 +1314,6 @@ fn run_worker(
                         }
                         Some(LinesEnd::Carried) | None => {}
                     }
-                    if at_end && clock_mode == ClockMode::Live {
-                        status.mark_end(clock);
-                    }
                     status.lines.store(events.lines(), Ordering::Relaxed);
                     status.offset.store(events.offset(), Ordering::Relaxed);
                     // Unknown for a .gz log: its offset counts uncompressed bytes.
@@ -1355,9 +1351,6 @@ fn run_worker(
                     })?;
                     read += outcome.records;
                     at_end = outcome.caught_up && read < batch_lines;
-                    if at_end && clock_mode == ClockMode::Live {
-                        status.mark_end(clock);
-                    }
                     if reader.reads_nothing() && inputs.events.is_some() {
                         tracing::info!(
                             worker = index,
@@ -1366,6 +1359,11 @@ fn run_worker(
                         inputs.close();
                     }
                 }
+            }
+            // Under the live clock records go in at the clock; under the event clock a worker
+            // marks its end once the clock is past them (step 2).
+            if at_end && clock_mode == ClockMode::Live {
+                status.mark_end(clock);
             }
         }
         // Recommendations are re-ranked at a refresh tick, once per `every` of engine time, put

@@ -186,6 +186,11 @@ fn restore_checkpoint(
     Ok(said)
 }
 
+/// Whether an erasure in `erased` (user → through) removes `user`'s event at `ts`.
+fn erases(erased: &std::collections::HashMap<u64, u64>, user: u64, ts: u64) -> bool {
+    erased.get(&user).is_some_and(|&through| ts <= through)
+}
+
 /// Takes out of `c` what the erasures in `erased` (user → through) remove: the events up to
 /// `through`, and all of a user's sealed part once `through` reaches into it.
 fn withdraw_erased(
@@ -193,7 +198,7 @@ fn withdraw_erased(
     erased: &std::collections::HashMap<u64, u64>,
     kinds: persona_dataflows::ControlKinds,
 ) {
-    let erases = |user: u64, ts: u64| erased.get(&user).is_some_and(|&through| ts <= through);
+    let erases = |user, ts| erases(erased, user, ts);
     c.records
         .retain(|e| kinds.is_control(e) || !erases(e.user, e.ts));
     let reached: std::collections::HashSet<u64> = c
@@ -217,7 +222,7 @@ fn holds_erased(
     erased: &std::collections::HashMap<u64, u64>,
     kinds: persona_dataflows::ControlKinds,
 ) -> bool {
-    let erases = |user: u64, ts: u64| erased.get(&user).is_some_and(|&through| ts <= through);
+    let erases = |user, ts| erases(erased, user, ts);
     !erased.is_empty()
         && (c
             .records

@@ -2,12 +2,10 @@
 //! neither move a user's split nor score as held-out interactions), and a split that leaves
 //! nothing to score is an error, not a table of zeros.
 
-use std::path::Path;
-use std::process::Command;
+mod support;
 
-fn persona() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_persona"))
-}
+use std::path::Path;
+use support::kafka_log::{persona, run_ok};
 
 /// `persona evaluate` of `log`: its table rows, or its error output.
 fn evaluate(log: &Path, split_at: &str) -> Result<Vec<String>, String> {
@@ -38,17 +36,12 @@ fn evaluate(log: &Path, split_at: &str) -> Result<Vec<String>, String> {
 fn redelivered_copies_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log.jsonl");
-    let out = persona()
-        .args(["generate", "--out"])
-        .arg(&log)
-        .args(["--events", "4000", "--users", "150", "--items", "80"])
-        .args(["--duplicates", "0", "--invalid", "0", "--seed", "5"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        persona()
+            .args(["generate", "--out"])
+            .arg(&log)
+            .args(["--events", "4000", "--users", "150", "--items", "80"])
+            .args(["--duplicates", "0", "--invalid", "0", "--seed", "5"]),
     );
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();

@@ -42,24 +42,34 @@ fn most_common_item(events: &std::path::Path) -> String {
         .expect("the log names items")
 }
 
+/// Produces the log to the broker's topics, starts `persona run` on them (`workers`, more
+/// `[engine]` lines), and checks every profile against the replay's once all is read.
+fn read_to_the_replay(
+    (dir, brokers): (&std::path::Path, &str),
+    (workers, engine_lines): (usize, &str),
+    (events, catalog): (&std::path::Path, &std::path::Path),
+    (max_ts, expected): (u64, &BTreeMap<String, Value>),
+) -> support::process::Process {
+    produce(brokers, CATALOG, catalog);
+    produce(brokers, EVENTS, events);
+    let engine = start_engine(dir, brokers, workers, engine_lines);
+    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
+    let total = (lines(events).len() + lines(catalog).len()) as i64;
+    finish_and_compare(dir, &engine, total, (events, catalog), max_ts, expected);
+    engine
+}
+
 fn matches_replay(workers: usize) {
     let dir = tempfile::tempdir().unwrap();
     let (events, catalog) = make_log(dir.path());
     let (max_ts, expected, replay_dead) = replay(dir.path(), &events, &catalog);
     let broker = Broker::memory();
     create_topics(&broker);
-    produce(&broker.addr, CATALOG, &catalog);
-    produce(&broker.addr, EVENTS, &events);
-    let mut engine = start_engine(dir.path(), &broker.addr, workers, "");
-    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
-    let total = (lines(&events).len() + lines(&catalog).len()) as i64;
-    finish_and_compare(
-        dir.path(),
-        &engine,
-        total,
+    let mut engine = read_to_the_replay(
+        (dir.path(), &broker.addr),
+        (workers, ""),
         (&events, &catalog),
-        max_ts,
-        &expected,
+        (max_ts, &expected),
     );
 
     // Item-item lists were ranked from the topic: under the event clock the tick put in before
@@ -202,18 +212,11 @@ fn backlog_over_the_retention_matches_replay(partitions: i32, workers: usize) {
     broker.create_topic(EVENTS, partitions);
     broker.create_topic(CATALOG, 1);
     broker.create_topic(DEAD, 1);
-    produce(&broker.addr, CATALOG, &catalog);
-    produce(&broker.addr, EVENTS, &events);
-    let engine = start_engine(dir.path(), &broker.addr, workers, retention);
-    engine.wait_for(60, "readiness", |e| e.get("/readyz").0 == 200);
-    let total = (lines(&events).len() + lines(&catalog).len()) as i64;
-    finish_and_compare(
-        dir.path(),
-        &engine,
-        total,
+    read_to_the_replay(
+        (dir.path(), &broker.addr),
+        (workers, retention),
         (&events, &catalog),
-        max_ts,
-        &expected,
+        (max_ts, &expected),
     );
     let dead: Vec<Value> = broker
         .read_topic(DEAD, 1)
